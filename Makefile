@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` and `make test` (README).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the pinned CPU wheel; then deepspeed without build isolation so its
+	# source build reuses this torch instead of downloading a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p out
+	$(BIN)/pusa-ray generate --task t2v --prompt "a red circle moves right" --out out/demo.mp4
+	@echo "wrote out/demo.mp4"
+
+test: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray and not s3"
+
+lint: $(STAMP)
+	$(BIN)/ruff check pusa_ray jobs serve tests bench
+	$(BIN)/ruff format --check pusa_ray jobs serve tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/sampler.py
+
+clean:
+	rm -rf $(VENV) out
