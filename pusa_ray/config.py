@@ -1,0 +1,184 @@
+"""Model presets and the typed settings shared by every entry point.
+
+A preset names an architecture (DiT, latent codec, text encoder) and its defaults. `tiny` is built
+in code from a fixed seed so it runs anywhere in seconds; the Wan presets describe the public
+architectures and take their weights from a model directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pusa_ray.errors import UserInputError
+
+# English translation of Wan2.1's default negative prompt, as used by Pusa's public scripts.
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
+    "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
+    "fused fingers, still picture, messy background, three legs, many people in the background, "
+    "walking backwards"
+)
+
+TEXT_LENGTH = 512  # Wan pads every prompt to 512 tokens.
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model family: configs of its parts and its defaults."""
+
+    name: str
+    transformer: dict[str, Any]  # WanTransformer3DModel config
+    vae: dict[str, Any]  # AutoencoderKLWan config
+    text_encoder: dict[str, Any]  # transformers UMT5Config
+    frames: int
+    height: int
+    width: int
+    fps: int
+    # "seeded": built in code from `seed` (no files); "directory": weights come from --model DIR.
+    weights: str = "directory"
+    seed: int = 0
+    text_length: int = TEXT_LENGTH
+    defaults: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The DiT shape that adapters and checkpoints must match."""
+        keys = (
+            "num_layers",
+            "num_attention_heads",
+            "attention_head_dim",
+            "ffn_dim",
+            "in_channels",
+            "text_dim",
+        )
+        return {key: self.transformer[key] for key in keys}
+
+
+_WAN_VAE = {
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+}
+
+_UMT5_XXL = {
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+def _wan_dit(heads: int, ffn_dim: int, layers: int) -> dict[str, Any]:
+    return {
+        "patch_size": [1, 2, 2],
+        "num_attention_heads": heads,
+        "attention_head_dim": 128,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 4096,
+        "freq_dim": 256,
+        "ffn_dim": ffn_dim,
+        "num_layers": layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    }
+
+
+PRESETS: dict[str, ModelSpec] = {
+    "tiny": ModelSpec(
+        name="tiny",
+        transformer={
+            "patch_size": [1, 2, 2],
+            "num_attention_heads": 2,
+            "attention_head_dim": 12,
+            "in_channels": 16,
+            "out_channels": 16,
+            "text_dim": 32,
+            "freq_dim": 256,
+            "ffn_dim": 32,
+            "num_layers": 2,
+            "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads",
+            "eps": 1e-6,
+            "rope_max_seq_len": 32,
+        },
+        vae={
+            "base_dim": 3,
+            "z_dim": 16,
+            "dim_mult": [1, 1, 1, 1],
+            "num_res_blocks": 1,
+            "temperal_downsample": [False, True, True],
+        },
+        text_encoder={
+            "vocab_size": 259,
+            "d_model": 32,
+            "d_kv": 16,
+            "d_ff": 64,
+            "num_layers": 2,
+            "num_heads": 2,
+            "relative_attention_num_buckets": 8,
+            "relative_attention_max_distance": 32,
+            "feed_forward_proj": "gated-gelu",
+            "dense_act_fn": "gelu_new",
+            "is_gated_act": True,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+        },
+        frames=9,
+        height=64,
+        width=64,
+        fps=16,
+        weights="seeded",
+        seed=0,
+        defaults={"steps": 4, "guidance": 3.0, "shift": 5.0},
+    ),
+    "wan2.1-t2v-1.3b": ModelSpec(
+        name="wan2.1-t2v-1.3b",
+        transformer=_wan_dit(heads=12, ffn_dim=8960, layers=30),
+        vae=_WAN_VAE,
+        text_encoder=_UMT5_XXL,
+        frames=81,
+        height=480,
+        width=832,
+        fps=16,
+        defaults={"steps": 10, "guidance": 3.0, "shift": 5.0},
+    ),
+    "wan2.1-t2v-14b": ModelSpec(
+        name="wan2.1-t2v-14b",
+        transformer=_wan_dit(heads=40, ffn_dim=13824, layers=40),
+        vae=_WAN_VAE,
+        text_encoder=_UMT5_XXL,
+        frames=81,
+        height=480,
+        width=832,
+        fps=16,
+        defaults={"steps": 10, "guidance": 3.0, "shift": 5.0},
+    ),
+}
+
+
+def get_preset(name: str) -> ModelSpec:
+    """Look up a preset by name; unknown names are a user error listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        known = ", ".join(sorted(PRESETS))
+        raise UserInputError(f"unknown model preset {name!r} (known: {known})") from None

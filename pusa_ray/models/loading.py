@@ -1,0 +1,148 @@
+"""Build or load the parts of a model: VTA DiT, latent codec, tokenizer and text encoder.
+
+`--model` is a preset name (the `tiny` preset is built in code from its seed) or a model
+directory in diffusers' Wan layout (`transformer/ vae/ text_encoder/ tokenizer/ scheduler/
+model_index.json`), as published for Wan2.1 and as `save_model_dir` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+
+from pusa_ray.config import PRESETS, ModelSpec, get_preset
+from pusa_ray.errors import UserInputError
+from pusa_ray.models.codec import WanCodec
+from pusa_ray.models.text import byte_tokenizer
+from pusa_ray.models.vta import VTAWanTransformer
+
+SPEC_FILE = "pusa_ray.json"  # our defaults (frames, size, fps, preset) beside diffusers' files
+
+
+@dataclass
+class Components:
+    """A loaded model: what the pipeline needs to turn prompts and media into video."""
+
+    spec: ModelSpec
+    model: VTAWanTransformer
+    codec: WanCodec
+    tokenizer: PreTrainedTokenizerBase
+    text_encoder: torch.nn.Module
+    device: torch.device
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.name
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (the Wan/Pusa recipe), float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_seeded(spec: ModelSpec) -> tuple[WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel]:
+    """Randomly initialised parts from the preset's seed; the global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        transformer = WanTransformer3DModel(**spec.transformer)
+        vae = AutoencoderKLWan(**spec.vae)
+        text_encoder = UMT5EncoderModel(UMT5Config(**spec.text_encoder))
+    return transformer, vae, text_encoder
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast floating parameters to `dtype`, keeping the model's declared fp32 modules in float32."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, parameter in model.named_parameters():
+        target = torch.float32 if keep.intersection(name.split(".")) else dtype
+        if parameter.is_floating_point() and parameter.dtype != target:
+            parameter.data = parameter.data.to(target)
+    return model
+
+
+def load_components(
+    model: str = "tiny", device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Components:
+    """Load a preset or a model directory onto `device` (DiT and text encoder in `dtype`, VAE in float32)."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if model in PRESETS:
+        spec = get_preset(model)
+        if spec.weights != "seeded":
+            raise UserInputError(
+                f"preset {model!r} has no embedded weights: pass --model with a model directory "
+                "(diffusers layout) holding its weights"
+            )
+        transformer, vae, text_encoder = build_seeded(spec)
+        tokenizer = byte_tokenizer(spec.text_length)
+    elif Path(model).is_dir():
+        spec, transformer, vae, text_encoder, tokenizer = _load_directory(Path(model), dtype)
+    else:
+        known = ", ".join(sorted(PRESETS))
+        raise UserInputError(f"--model {model!r} is neither a preset ({known}) nor a model directory")
+    transformer = cast_parameters(transformer.to(device), dtype).eval().requires_grad_(False)
+    text_encoder = cast_parameters(text_encoder.to(device), dtype).eval().requires_grad_(False)
+    vae = cast_parameters(vae.to(device), torch.float32).eval().requires_grad_(False)
+    return Components(spec, VTAWanTransformer(transformer), WanCodec(vae), tokenizer, text_encoder, device)
+
+
+def _load_directory(path: Path, dtype: torch.dtype) -> tuple[ModelSpec, Any, Any, Any, Any]:
+    for part in ("transformer", "vae", "text_encoder", "tokenizer"):
+        if not (path / part).is_dir():
+            raise UserInputError(
+                f"model directory {str(path)!r} has no {part}/ folder (diffusers Wan layout)"
+            )
+    transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+    text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    spec = _directory_spec(path, dict(transformer.config), dict(vae.config), text_encoder.config.to_dict())
+    return spec, transformer, vae, text_encoder, tokenizer
+
+
+def _directory_spec(path: Path, transformer: dict, vae: dict, text_encoder: dict) -> ModelSpec:
+    """Defaults for a directory: from our spec file if present, else from the matching Wan preset."""
+    saved = json.loads((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).is_file() else {}
+    base = PRESETS.get(saved.get("preset", ""))
+    if base is None:
+        matching = [p for p in PRESETS.values() if p.architecture.items() <= transformer.items()]
+        base = matching[0] if matching else PRESETS["wan2.1-t2v-1.3b"]
+    overrides = {key: saved[key] for key in ("frames", "height", "width", "fps") if key in saved}
+    return dataclasses.replace(
+        base,
+        name=saved.get("name", str(path)),
+        transformer={key: transformer[key] for key in base.transformer if key in transformer},
+        vae={key: vae[key] for key in base.vae if key in vae},
+        text_encoder={key: text_encoder[key] for key in base.text_encoder if key in text_encoder},
+        weights="directory",
+        **overrides,
+    )
+
+
+def save_model_dir(components: Components, path: str | Path) -> Path:
+    """Write a model in diffusers' Wan layout (what `load_components` and `WanPipeline` read)."""
+    path = Path(path)
+    spec = components.spec
+    pipeline = WanPipeline(
+        tokenizer=components.tokenizer,
+        text_encoder=components.text_encoder,
+        vae=components.codec.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=spec.defaults.get("shift", 5.0)),
+        transformer=components.model.transformer,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    saved = {"name": spec.name, "preset": spec.name if spec.name in PRESETS else None}
+    saved.update({key: getattr(spec, key) for key in ("frames", "height", "width", "fps")})
+    (path / SPEC_FILE).write_text(json.dumps(saved, indent=2))
+    return path

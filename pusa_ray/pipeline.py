@@ -1,0 +1,105 @@
+"""One generation: prompt + conditions -> latents -> video, for every task.
+
+Used by the CLI, the Serve generator and batch jobs. Holds no state between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pusa_ray.conditioning import MediaCondition, encode_plan, latents_for_frames
+from pusa_ray.config import DEFAULT_NEGATIVE_PROMPT
+from pusa_ray.errors import UserInputError
+from pusa_ray.models.loading import Components
+from pusa_ray.models.text import encode_prompts
+from pusa_ray.sampler import ProgressCallback, guided_denoiser, initial_noise, sample
+from pusa_ray.timesteps import sampling_sigmas
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: size, steps, guidance, shift and seed."""
+
+    frames: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    shift: float
+    seed: int
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The final latents `[1, C, F_lat, h, w]` (normalised) and the decoded video `[3, F, H, W]` in [-1, 1]."""
+
+    latents: torch.Tensor
+    video: torch.Tensor
+
+
+def default_settings(components: Components, **overrides: object) -> SamplingSettings:
+    """The preset's defaults, with the given non-None values replacing them."""
+    spec = components.spec
+    values = {
+        "frames": spec.frames,
+        "height": spec.height,
+        "width": spec.width,
+        "steps": int(spec.defaults.get("steps", 10)),
+        "guidance": float(spec.defaults.get("guidance", 3.0)),
+        "shift": float(spec.defaults.get("shift", 5.0)),
+        "seed": 0,
+    }
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return SamplingSettings(**values)  # type: ignore[arg-type]
+
+
+def validate_settings(components: Components, settings: SamplingSettings) -> int:
+    """Check sizes and numbers against the model; returns the latent frame count."""
+    codec = components.codec
+    multiple = codec.spatial_factor * components.model.transformer.config.patch_size[1]
+    for name in ("height", "width"):
+        value = getattr(settings, name)
+        if value <= 0 or value % multiple:
+            raise UserInputError(f"{name} must be a positive multiple of {multiple}, got {value}")
+    if settings.steps < 1:
+        raise UserInputError(f"steps must be >= 1, got {settings.steps}")
+    if settings.guidance < 0:
+        raise UserInputError(f"guidance must be >= 0, got {settings.guidance}")
+    if settings.shift <= 0:
+        raise UserInputError(f"shift must be > 0, got {settings.shift}")
+    return latents_for_frames(settings.frames, codec.temporal_factor)
+
+
+@torch.no_grad()
+def generate(
+    components: Components,
+    prompt: str,
+    conditions: list[MediaCondition],
+    settings: SamplingSettings,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Generation:
+    """Sample one video for `prompt` under the given conditions."""
+    if not prompt.strip():
+        raise UserInputError("prompt is empty")
+    num_latents = validate_settings(components, settings)
+    codec, device = components.codec, components.device
+    plan = encode_plan(conditions, codec, num_latents)
+
+    prompts = [prompt] if settings.guidance == 1.0 else [prompt, settings.negative_prompt]
+    embeddings = encode_prompts(
+        components.tokenizer, components.text_encoder, prompts, components.spec.text_length
+    )
+    negative = embeddings[1:] if len(prompts) == 2 else None
+    denoiser = guided_denoiser(components.model, embeddings[:1], negative, settings.guidance)
+
+    shape = (1, *codec.latent_shape(settings.frames, settings.height, settings.width))
+    noise = initial_noise(shape, settings.seed).to(device)  # [1, C, F_lat, h, w]
+    sigmas = sampling_sigmas(settings.steps, settings.shift)
+    latents = sample(denoiser, noise, plan, sigmas, progress, should_cancel)
+    video = codec.decode(latents)[0]  # [3, F, H, W]
+    return Generation(latents=latents.cpu(), video=video.cpu())

@@ -1,0 +1,165 @@
+"""The Pusa tasks: user media (paths, URIs or bytes) -> conditions for the one sampler.
+
+Each task is a small function from a `TaskInputs` to a list of `MediaCondition`s; the CLI, the
+Serve app and batch jobs all go through `build_conditions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pusa_ray import conditioning as plans
+from pusa_ray import video
+from pusa_ray.errors import UserInputError
+
+MediaSource = str | Path | bytes
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """What a user gives for a task; unused fields must stay empty."""
+
+    task: str
+    image: MediaSource | None = None
+    end_image: MediaSource | None = None
+    keyframes: tuple[tuple[str, MediaSource, float], ...] = ()  # (position, image, noise)
+    video: MediaSource | None = None
+    end_video: MediaSource | None = None
+    cond_frames: int | None = None
+    end_frames: int | None = None
+    noise: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """Target size of the generated video and its latent frame count."""
+
+    frames: int
+    height: int
+    width: int
+    temporal: int = 4
+    num_latents: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_latents", plans.latents_for_frames(self.frames, self.temporal))
+
+
+def _fetch(source: MediaSource) -> Path | bytes:
+    """Local paths stay paths; s3:// URIs are read through the storage layer."""
+    if isinstance(source, str) and source.startswith("s3://"):
+        from pusa_ray import storage
+
+        return storage.read_bytes(source)
+    return source if isinstance(source, bytes) else Path(source)
+
+
+def load_image(source: MediaSource, shape: VideoShape) -> torch.Tensor:
+    """An image resized and centre-cropped to the target: `[3, 1, H, W]` in [-1, 1]."""
+    pixels = video.read_image(_fetch(source))
+    frames = video.resize_center_crop(pixels[None], shape.height, shape.width)
+    return video.frames_to_tensor(frames)
+
+
+def load_clip(source: MediaSource, shape: VideoShape) -> torch.Tensor:
+    """A clip, frame by frame (no resampling), resized to the target: `[3, f, H, W]` in [-1, 1]."""
+    frames, _fps = video.read_video(_fetch(source))
+    return video.frames_to_tensor(video.resize_center_crop(frames, shape.height, shape.width))
+
+
+def default_lead_frames(shape: VideoShape) -> int:
+    """About the first sixth of the video, as 1 + T*k frames (13 of 81 frames)."""
+    return 1 + shape.temporal * max(1, (shape.num_latents - 1) // 6)
+
+
+def default_tail_frames(shape: VideoShape) -> int:
+    """About the last sixth of the video, as T*k frames (12 of 81 frames)."""
+    return shape.temporal * max(1, (shape.num_latents - 1) // 6)
+
+
+def _require(inputs: TaskInputs, needed: Sequence[str]) -> None:
+    allowed = set(needed) | {"task", "noise"}
+    for name in TaskInputs.__dataclass_fields__:
+        value = getattr(inputs, name)
+        given = value is not None and value != ()
+        if name in needed and not given:
+            raise UserInputError(f"task {inputs.task!r} needs --{name.replace('_', '-')}")
+        if name not in allowed and given:
+            raise UserInputError(f"task {inputs.task!r} does not take --{name.replace('_', '-')}")
+
+
+def _t2v(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
+    _require(inputs, [])
+    if inputs.noise:
+        raise UserInputError("task 't2v' has no conditioned frames, so --noise does not apply")
+    return plans.text_to_video()
+
+
+def _i2v(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
+    _require(inputs, ["image"])
+    return plans.image_to_video(load_image(inputs.image, shape), inputs.noise)
+
+
+def _start_end(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
+    _require(inputs, ["image", "end_image"])
+    first, last = load_image(inputs.image, shape), load_image(inputs.end_image, shape)
+    return plans.start_end(first, last, shape.num_latents, inputs.noise)
+
+
+def _keyframes(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
+    _require(inputs, ["keyframes"])
+    if inputs.noise:
+        raise UserInputError("task 'keyframes' takes each noise in --cond POS:PATH:NOISE, not --noise")
+    items = []
+    for position, source, noise in inputs.keyframes:
+        index = plans.parse_position(position, shape.num_latents, shape.frames, shape.temporal)
+        items.append((index, load_image(source, shape), noise))
+    plans.validate_indices([index for index, _, _ in items], shape.num_latents)
+    return plans.keyframes(items)
+
+
+def _extend(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
+    _require(inputs, ["video"])
+    cond_frames = inputs.cond_frames or default_lead_frames(shape)
+    clip = load_clip(inputs.video, shape)
+    return plans.extend(clip, cond_frames, shape.num_latents, inputs.noise, shape.temporal)
+
+
+def _complete(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
+    _require(inputs, ["video"])
+    cond_frames = inputs.cond_frames or default_lead_frames(shape)
+    end_frames = inputs.end_frames or default_tail_frames(shape)
+    clip = load_clip(inputs.video, shape)
+    return plans.complete(clip, cond_frames, end_frames, shape.num_latents, inputs.noise, shape.temporal)
+
+
+def _transition(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
+    _require(inputs, ["video", "end_video"])
+    cond_frames = inputs.cond_frames or default_lead_frames(shape)
+    end_frames = inputs.end_frames or default_tail_frames(shape)
+    clip, end_clip = load_clip(inputs.video, shape), load_clip(inputs.end_video, shape)
+    return plans.transition(
+        clip, end_clip, cond_frames, end_frames, shape.num_latents, inputs.noise, shape.temporal
+    )
+
+
+TASKS: dict[str, Callable[[TaskInputs, VideoShape], list[plans.MediaCondition]]] = {
+    "t2v": _t2v,
+    "i2v": _i2v,
+    "start-end": _start_end,
+    "keyframes": _keyframes,
+    "extend": _extend,
+    "complete": _complete,
+    "transition": _transition,
+}
+
+
+def build_conditions(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
+    """Load the task's media at the target size and place it on latent positions."""
+    builder = TASKS.get(inputs.task)
+    if builder is None:
+        raise UserInputError(f"unknown task {inputs.task!r} (known: {', '.join(TASKS)})")
+    return builder(inputs, shape)

@@ -1,0 +1,80 @@
+"""Noise schedules and per-frame timesteps, as pure functions of their arguments.
+
+Conventions: `sigma` is flow-matching progress in [0, 1] (0 = data, 1 = noise); the model is fed
+`timestep = 1000 * sigma` as float32. Per-frame tensors are `[B, F]` over latent frames.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pusa_ray.config import NUM_TRAIN_TIMESTEPS
+from pusa_ray.errors import UserInputError
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's timestep shift: sigma' = shift*s / (1 + (shift-1)*s); shift 1 is the identity."""
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def sampling_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """The N+1 sigmas of an N-step sampler, float32: shifted linspace(1, 0, N+1)[:-1], then 0."""
+    if steps < 1:
+        raise UserInputError(f"steps must be >= 1, got {steps}")
+    if shift <= 0:
+        raise UserInputError(f"shift must be > 0, got {shift}")
+    base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    sigmas = shift_sigmas(base, shift)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)  # [N+1]
+
+
+def sigma_to_timestep(sigmas: torch.Tensor) -> torch.Tensor:
+    """Model timestep (continuous, float32) for a sigma tensor of any shape."""
+    return (sigmas * NUM_TRAIN_TIMESTEPS).to(torch.float32)
+
+
+def training_grid(shift: float = 5.0, size: int = NUM_TRAIN_TIMESTEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public Pusa/DiffSynth training grid: (sigmas [size], loss weights [size]).
+
+    Sigmas are linspace(1, 0.003/1.002, size) shifted; weights are a Gaussian bump over the
+    timestep centred at size/2, offset to a zero minimum and scaled to mean 1.
+    """
+    base = torch.linspace(1.0, 0.003 / 1.002, size, dtype=torch.float64)
+    sigmas = shift_sigmas(base, shift)
+    timesteps = sigmas * NUM_TRAIN_TIMESTEPS
+    bump = torch.exp(-2.0 * ((timesteps - size / 2) / size) ** 2)
+    bump = bump - bump.min()
+    weights = bump * (size / bump.sum())
+    return sigmas.to(torch.float32), weights.to(torch.float32)
+
+
+def sample_training_sigmas(
+    batch: int,
+    frames: int,
+    p_async: float,
+    generator: torch.Generator,
+    mode: str = "uniform",
+    shift: float = 5.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame training sigmas `[B, F]` and loss weights `[B, F]`.
+
+    With probability `p_async` a sample draws an independent sigma per frame (Pusa's vectorized
+    timesteps); otherwise all its frames share one. `mode="uniform"` draws sigma ~ U[0, 1] with
+    unit weights; `mode="shifted-grid"` draws an index uniformly on the shifted training grid
+    and weights the loss with its bump (the public training code).
+    """
+    if not 0.0 <= p_async <= 1.0:
+        raise UserInputError(f"p_async must be in [0, 1], got {p_async}")
+    asynchronous = torch.rand(batch, generator=generator) < p_async  # [B]
+    if mode == "uniform":
+        independent = torch.rand(batch, frames, generator=generator)
+        shared = torch.rand(batch, 1, generator=generator).expand(batch, frames)
+        sigmas = torch.where(asynchronous[:, None], independent, shared)
+        return sigmas, torch.ones_like(sigmas)
+    if mode == "shifted-grid":
+        grid_sigmas, grid_weights = training_grid(shift)
+        independent = torch.randint(0, len(grid_sigmas), (batch, frames), generator=generator)
+        shared = torch.randint(0, len(grid_sigmas), (batch, 1), generator=generator).expand(batch, frames)
+        index = torch.where(asynchronous[:, None], independent, shared)  # [B, F]
+        return grid_sigmas[index], grid_weights[index]
+    raise UserInputError(f"unknown timestep sampling mode {mode!r} (known: uniform, shifted-grid)")
