@@ -215,7 +215,8 @@ def _lead_and_tail(
     trailing = segment_latents(tail.shape[1], trailing=True, temporal=temporal)
     if leading + trailing > num_latents:
         raise UserInputError(
-            f"{what}: {leading} leading + {trailing} trailing latents do not fit in {num_latents} latent frames"
+            f"{what}: {leading} leading + {trailing} trailing latents do not fit in "
+            f"{num_latents} latent frames"
         )
     multipliers = expand_noise(noise, leading + trailing, clip_noise(leading, trailing), what)
     return [

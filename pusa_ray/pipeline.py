@@ -35,7 +35,7 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class Generation:
-    """The final latents `[1, C, F_lat, h, w]` (normalised) and the decoded video `[3, F, H, W]` in [-1, 1]."""
+    """Final latents `[1, C, F_lat, h, w]` (normalised) and the decoded video `[3, F, H, W]` in [-1, 1]."""
 
     latents: torch.Tensor
     video: torch.Tensor
