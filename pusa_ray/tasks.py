@@ -80,8 +80,8 @@ def default_tail_frames(shape: VideoShape) -> int:
     return shape.temporal * max(1, (shape.num_latents - 1) // 6)
 
 
-def _require(inputs: TaskInputs, needed: Sequence[str]) -> None:
-    allowed = set(needed) | {"task", "noise"}
+def _require(inputs: TaskInputs, needed: Sequence[str], optional: Sequence[str] = ()) -> None:
+    allowed = set(needed) | set(optional) | {"task", "noise"}
     for name in TaskInputs.__dataclass_fields__:
         value = getattr(inputs, name)
         given = value is not None and value != ()
@@ -122,14 +122,14 @@ def _keyframes(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaConditi
 
 
 def _extend(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["video"])
+    _require(inputs, ["video"], ["cond_frames"])
     cond_frames = inputs.cond_frames or default_lead_frames(shape)
     clip = load_clip(inputs.video, shape)
     return plans.extend(clip, cond_frames, shape.num_latents, inputs.noise, shape.temporal)
 
 
 def _complete(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["video"])
+    _require(inputs, ["video"], ["cond_frames", "end_frames"])
     cond_frames = inputs.cond_frames or default_lead_frames(shape)
     end_frames = inputs.end_frames or default_tail_frames(shape)
     clip = load_clip(inputs.video, shape)
@@ -137,7 +137,7 @@ def _complete(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaConditio
 
 
 def _transition(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["video", "end_video"])
+    _require(inputs, ["video", "end_video"], ["cond_frames", "end_frames"])
     cond_frames = inputs.cond_frames or default_lead_frames(shape)
     end_frames = inputs.end_frames or default_tail_frames(shape)
     clip, end_clip = load_clip(inputs.video, shape), load_clip(inputs.end_video, shape)

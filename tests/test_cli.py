@@ -1,0 +1,277 @@
+"""`pusa-ray generate` end to end for every task on the tiny preset, and its errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pusa_ray import video
+from pusa_ray.cli import main
+from pusa_ray.conditioning import encode_plan
+from pusa_ray.models.loading import load_components
+from pusa_ray.pipeline import default_settings, generate
+from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
+
+SIZE = ["--height", "32", "--width", "48", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A PNG, a JPEG and two clips of moving squares, written as real files."""
+    root = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(image).save(root / "first.png")
+    Image.fromarray(255 - image).save(root / "last.jpg")
+    for name, frames in (("clip.mp4", 25), ("other.mp4", 21)):
+        clip = np.zeros((frames, 32, 48, 3), dtype=np.uint8)
+        for i in range(frames):
+            clip[i, 8:20, i : i + 12] = (200, 40, 40)
+        video.write_mp4(root / name, clip, fps=16)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+TASK_ARGS = {
+    "t2v": [],
+    "i2v": ["--image", "{m}/first.png"],
+    "start-end": ["--image", "{m}/first.png", "--end-image", "{m}/last.jpg"],
+    "keyframes": [
+        "--cond",
+        "0:{m}/first.png:0.0",
+        "--cond",
+        "f:8:{m}/last.jpg:0.3",
+        "--cond=-1:{m}/first.png:0.5",
+    ],
+    "extend": ["--video", "{m}/clip.mp4", "--cond-frames", "5"],
+    "complete": ["--video", "{m}/clip.mp4", "--cond-frames", "5", "--end-frames", "4"],
+    "transition": [
+        "--video",
+        "{m}/clip.mp4",
+        "--end-video",
+        "{m}/other.mp4",
+        "--cond-frames",
+        "5",
+        "--end-frames",
+        "4",
+    ],
+}
+
+
+@pytest.mark.parametrize("task", list(TASK_ARGS))
+def test_every_task_writes_a_video(task, media, tmp_path, capsys):
+    out = tmp_path / f"{task}.mp4"
+    args = [a.format(m=media) for a in TASK_ARGS[task]]
+    code = main(
+        [
+            "generate",
+            "--task",
+            task,
+            "--prompt",
+            "a red square",
+            "--frames",
+            "17",
+            *SIZE,
+            *args,
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert video.probe_video(out) == {"frames": 17, "height": 32, "width": 48, "fps": 16.0}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_components("tiny", device="cpu")
+
+
+@pytest.mark.parametrize("task", [t for t in TASK_ARGS if t != "t2v"])
+def test_frozen_frames_are_kept_bit_for_bit(task, media, tiny):
+    shape = VideoShape(17, 32, 48)
+    keyframes = (
+        (("0", media / "first.png", 0.0), ("f:8", media / "last.jpg", 0.0)) if task == "keyframes" else ()
+    )
+    flags = TASK_ARGS[task]
+    args = {flag: flags[i + 1] for i, flag in enumerate(flags) if flag.startswith("--") and "=" not in flag}
+    inputs = TaskInputs(
+        task=task,
+        image=media / "first.png" if "--image" in args else None,
+        end_image=media / "last.jpg" if "--end-image" in args else None,
+        keyframes=keyframes,
+        video=media / "clip.mp4" if "--video" in args else None,
+        end_video=media / "other.mp4" if "--end-video" in args else None,
+        cond_frames=int(args["--cond-frames"]) if "--cond-frames" in args else None,
+        end_frames=int(args["--end-frames"]) if "--end-frames" in args else None,
+        noise=None if task == "keyframes" else (0.0,),
+    )
+    conditions = build_conditions(inputs, shape)
+    plan = encode_plan(conditions, tiny.codec, shape.num_latents)
+    result = generate(
+        tiny, "a red square", conditions, default_settings(tiny, frames=17, height=32, width=48, steps=3)
+    )
+    assert plan.latent_indices and set(plan.noise_multipliers) == {0.0}
+    for k, index in enumerate(plan.latent_indices):
+        assert torch.equal(result.latents[0, :, index], plan.latents[:, k]), f"latent {index} moved"
+    free = [i for i in range(shape.num_latents) if i not in plan.latent_indices]
+    noise_only = generate(
+        tiny, "a red square", [], default_settings(tiny, frames=17, height=32, width=48, steps=3)
+    )
+    assert not torch.equal(result.latents[0, :, free], noise_only.latents[0, :, free])
+
+
+def test_i2v_noisy_condition_is_not_frozen(media, tiny):
+    shape = VideoShape(9, 32, 48)
+    conditions = build_conditions(TaskInputs(task="i2v", image=media / "first.png", noise=(0.2,)), shape)
+    plan = encode_plan(conditions, tiny.codec, shape.num_latents)
+    result = generate(tiny, "x", conditions, default_settings(tiny, frames=9, height=32, width=48, steps=2))
+    assert not torch.equal(result.latents[0, :, 0], plan.latents[:, 0])
+
+
+def test_console_script_writes_mp4_and_latents(media, tmp_path):
+    out, latents = tmp_path / "a.mp4", tmp_path / "a.safetensors"
+    command = [
+        shutil.which("pusa-ray", path=os.path.dirname(sys.executable)) or "pusa-ray",
+        "generate",
+        "--prompt",
+        "a red square",
+        "--frames",
+        "13",
+        *SIZE,
+        "--fps",
+        "12",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        "--save-latents",
+        str(latents),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "denoising" in done.stderr  # the progress bar
+    assert video.probe_video(out) == {"frames": 13, "height": 32, "width": 48, "fps": 12.0}
+    saved = load_file(latents)["latents"]
+    assert saved.shape == (1, 16, 4, 4, 6) and saved.dtype == torch.float32
+    again = tmp_path / "b.safetensors"
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a red square",
+                "--frames",
+                "13",
+                *SIZE,
+                "--seed",
+                "5",
+                "--quiet",
+                "--out",
+                str(tmp_path / "b.mp4"),
+                "--save-latents",
+                str(again),
+            ]
+        )
+        == 0
+    )
+    assert torch.equal(load_file(again)["latents"], saved)
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a red square",
+                "--frames",
+                "13",
+                *SIZE,
+                "--seed",
+                "6",
+                "--quiet",
+                "--out",
+                str(tmp_path / "c.mp4"),
+                "--save-latents",
+                str(again),
+            ]
+        )
+        == 0
+    )
+    assert not torch.equal(load_file(again)["latents"], saved)
+
+
+BAD = [
+    (["--task", "i2v", "--image", "{m}/missing.png"], "missing.png"),
+    (["--task", "i2v", "--image", "{m}/notes.txt"], "cannot read image"),
+    (["--task", "i2v"], "needs --image"),
+    (["--task", "t2v", "--image", "{m}/first.png"], "does not take --image"),
+    (["--frames", "8"], "got 8"),
+    (["--height", "40"], "got 40"),
+    (["--width", "0"], "got 0"),
+    (["--task", "keyframes", "--cond", "7:{m}/first.png:0"], "'7' is out of range"),
+    (
+        ["--task", "keyframes", "--cond", "0:{m}/first.png:0", "--cond", "f:0:{m}/last.jpg:0"],
+        "two conditions on latent 0",
+    ),
+    (["--task", "keyframes", "--cond", "0:{m}/first.png"], "is not POS:PATH:NOISE"),
+    (["--task", "keyframes", "--cond", "0:{m}/first.png:1.5"], "1.5"),
+    (["--task", "i2v", "--image", "{m}/first.png", "--noise", "-0.5"], "-0.5"),
+    (["--task", "i2v", "--image", "{m}/first.png", "--noise", "a,b"], "'a,b'"),
+    (
+        [
+            "--task",
+            "start-end",
+            "--image",
+            "{m}/first.png",
+            "--end-image",
+            "{m}/last.jpg",
+            "--noise",
+            "0.1,0.2,0.3",
+        ],
+        "got 3 noise multipliers for 2",
+    ),
+    (["--task", "extend", "--video", "{m}/clip.mp4", "--cond-frames", "12"], "got 12"),
+    (["--task", "extend", "--video", "{m}/other.mp4", "--cond-frames", "9", "--frames", "5"], "do not fit"),
+    (
+        [
+            "--task",
+            "transition",
+            "--video",
+            "{m}/clip.mp4",
+            "--end-video",
+            "{m}/other.mp4",
+            "--end-frames",
+            "24",
+            "--frames",
+            "33",
+        ],
+        "has 21 frames, 24 are needed",
+    ),
+    (["--prompt", "  "], "prompt is empty"),
+    (["--model", "nope"], "'nope'"),
+    (["--model", "wan2.1-t2v-14b"], "no embedded weights"),
+    (["--steps", "0"], "got 0"),
+    (["--lora", "x.safetensors"], "--lora"),
+    (["--task", "morph"], "'morph'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_clear_line(args, message, media, tmp_path, capsys):
+    argv = ["generate", "--prompt", "a red square", *SIZE, "--out", str(tmp_path / "x.mp4"), "--quiet"]
+    argv += [a.format(m=media) for a in args]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.mp4").exists()

@@ -1,0 +1,38 @@
+"""The core knows nothing of Ray: importing the core modules never pulls in `ray` or `deepspeed`."""
+
+import json
+import subprocess
+import sys
+
+CORE_MODULES = [
+    "pusa_ray.config",
+    "pusa_ray.timesteps",
+    "pusa_ray.flow",
+    "pusa_ray.conditioning",
+    "pusa_ray.sampler",
+    "pusa_ray.models.vta",
+    "pusa_ray.models.codec",
+    "pusa_ray.models.text",
+    "pusa_ray.models.loading",
+    "pusa_ray.video",
+    "pusa_ray.tasks",
+    "pusa_ray.pipeline",
+    "pusa_ray.cli",
+]
+
+# One fresh interpreter imports the modules in turn and records what each one brought in.
+PROBE = """
+import importlib, json, sys
+seen = {}
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    seen[name] = [m for m in ("ray", "deepspeed") if m in sys.modules]
+print(json.dumps(seen))
+"""
+
+
+def test_core_modules_do_not_import_ray():
+    done = subprocess.run([sys.executable, "-c", PROBE, *CORE_MODULES], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen == {name: [] for name in CORE_MODULES}
