@@ -27,9 +27,10 @@ noise multipliers m (one per conditioned latent, in time order; one value applie
   exactly, m=1 ignores it. Clip defaults: 0.0 for the given latents except up to three next to the
   generated region, which ramp 0.3, 0.4, 0.5 towards it (13 leading frames: 0.0,0.3,0.4,0.5).
 
-positions: latent indices (0..20 for 81 frames; negative from the end) or pixel frames f:P
-  (pixel frame p is latent (p+3)//4; write a negative one as --cond=-1:PATH:NOISE). Clip defaults: --cond-frames 13 and --end-frames 12 for
-  81 frames (about a sixth of the video each). A trailing segment of 4k frames is encoded with
+positions: latent indices (0..20 for 81 frames; negative from the end, written --cond=-1:PATH:NOISE)
+  or pixel frames f:P (pixel frame p is latent (p+3)//4).
+clips: used frame by frame, resized to the output. Defaults: --cond-frames 13 and --end-frames 12
+  for 81 frames (about a sixth of the video each). A trailing segment of 4k frames is encoded with
   its first frame repeated as a one-frame lead-in whose latent is dropped (the VAE is causal).
 """
 

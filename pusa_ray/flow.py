@@ -33,7 +33,9 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, delta_sigmas: torc
     """x + dsigma * v with a per-frame step `[B, F]`; frames whose step is 0 are returned unchanged."""
     delta = per_frame(delta_sigmas, latents)
     stepped = latents + delta * velocity.to(latents.dtype)
-    return torch.where(delta == 0, latents, stepped)
+    frozen = delta == 0  # [B, 1, F, 1, 1]
+    # Frozen frames keep their exact values (even against a non-finite velocity).
+    return torch.where(frozen, latents, stepped) if bool(frozen.any()) else stepped
 
 
 def flow_matching_loss(

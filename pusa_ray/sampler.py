@@ -81,15 +81,16 @@ def sample(
     batch, _, num_latents = noise.shape[:3]
     multipliers = plan.frame_multipliers(num_latents).to(noise.device)  # [F]
     sigmas = sigmas.to(device=noise.device, dtype=torch.float32)  # [N+1]
+    # The whole schedule up front: per-step, per-frame timesteps and Euler steps.
+    timesteps = sigma_to_timestep(sigmas[:-1, None] * multipliers)  # [N, F]
+    deltas = (sigmas[1:] - sigmas[:-1])[:, None] * multipliers  # [N, F]
     latents = start_latents(noise, plan, multipliers)
     steps = len(sigmas) - 1
     for i in range(steps):
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled(f"cancelled after {i} of {steps} steps")
-        frame_sigmas = (sigmas[i] * multipliers).expand(batch, num_latents)  # [B, F]
-        velocity = denoiser(latents, sigma_to_timestep(frame_sigmas))
-        delta = ((sigmas[i + 1] - sigmas[i]) * multipliers).expand(batch, num_latents)  # [B, F]
-        latents = euler_step(latents, velocity, delta)
+        velocity = denoiser(latents, timesteps[i].expand(batch, num_latents))
+        latents = euler_step(latents, velocity, deltas[i].expand(batch, num_latents))
         if progress is not None:
             progress(i + 1, steps)
     return latents

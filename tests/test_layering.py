@@ -32,7 +32,9 @@ print(json.dumps(seen))
 
 
 def test_core_modules_do_not_import_ray():
-    done = subprocess.run([sys.executable, "-c", PROBE, *CORE_MODULES], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *CORE_MODULES], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert seen == {name: [] for name in CORE_MODULES}

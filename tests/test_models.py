@@ -95,7 +95,9 @@ def diffusers_pipeline(tiny):
 def test_prompt_embeddings_equal_diffusers(tiny, diffusers_pipeline):
     prompts = ["a red  circle <b>moves</b> right ", "un cercle rouge"]
     ours = encode_prompts(tiny.tokenizer, tiny.text_encoder, prompts)
-    theirs, _ = diffusers_pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
+    theirs, _ = diffusers_pipeline.encode_prompt(
+        prompts, do_classifier_free_guidance=False, max_sequence_length=512
+    )
     assert ours.shape == (2, 512, 32)
     assert torch.equal(ours, theirs)
     assert torch.all(ours[0, 60:] == 0) and torch.all(ours[0, :30].abs().sum(-1) > 0)  # zero past the mask

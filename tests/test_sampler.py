@@ -33,7 +33,9 @@ def test_initial_noise_is_seeded_float32():
     a, b, c = initial_noise(SHAPE, 7), initial_noise(SHAPE, 7), initial_noise(SHAPE, 8)
     assert a.dtype == torch.float32 and a.shape == SHAPE
     assert torch.equal(a, b) and not torch.equal(a, c)
-    torch.testing.assert_close(a, torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        a, torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)), rtol=0, atol=0
+    )
 
 
 def test_every_frame_follows_its_closed_form():
@@ -76,7 +78,13 @@ def test_start_latents_mix_with_the_same_noise():
 def test_progress_and_cancellation():
     noise = initial_noise(SHAPE, 3)
     seen = []
-    sample(lambda x, t: torch.zeros_like(x), noise, ConditionPlan(), sampling_sigmas(3, 5.0), progress=lambda *a: seen.append(a))
+    sample(
+        lambda x, t: torch.zeros_like(x),
+        noise,
+        ConditionPlan(),
+        sampling_sigmas(3, 5.0),
+        progress=lambda *a: seen.append(a),
+    )
     assert seen == [(1, 3), (2, 3), (3, 3)]
     with pytest.raises(GenerationCancelled, match="after 2 of 3"):
         sample(
@@ -100,7 +108,8 @@ def test_guidance_one_is_the_conditional_prediction():
     conditional = text_model(latents, timesteps, context)
     assert torch.equal(guided_denoiser(text_model, context, negative, 1.0)(latents, timesteps), conditional)
     unconditional = text_model(latents, timesteps, negative)
-    assert torch.equal(combine_guidance(conditional, unconditional, 1.0), conditional)
+    # The formula itself rounds (neg + (pos - neg)), hence the bypass above; to float tolerance:
+    torch.testing.assert_close(combine_guidance(conditional, unconditional, 1.0), conditional)
 
 
 def test_batched_guidance_equals_two_forwards():
@@ -113,6 +122,9 @@ def test_batched_guidance_equals_two_forwards():
         return text_model(x, t, c)
 
     guided = guided_denoiser(counting, context, negative, 3.0)(latents, timesteps)
-    positive, unconditional = text_model(latents, timesteps, context), text_model(latents, timesteps, negative)
+    positive, unconditional = (
+        text_model(latents, timesteps, context),
+        text_model(latents, timesteps, negative),
+    )
     torch.testing.assert_close(guided, unconditional + 3.0 * (positive - unconditional))
     assert calls == [2]  # one forward on a batch of two
