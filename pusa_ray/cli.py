@@ -35,6 +35,20 @@ clips: used frame by frame, resized to the output. Defaults: --cond-frames 13 an
 """
 
 
+DEFAULT_LORA_ALPHA = 1.4  # the Pusa paper's inference scale
+
+
+def lora_pairs(sources: list[str], alphas: list[float]) -> list[tuple[str, float]]:
+    """Pair each --lora with its --lora-alpha: none given -> 1.4 each, one -> all, else one per adapter."""
+    if alphas and not sources:
+        raise UserInputError("--lora-alpha given without --lora")
+    if len(alphas) <= 1:
+        return [(source, alphas[0] if alphas else DEFAULT_LORA_ALPHA) for source in sources]
+    if len(alphas) != len(sources):
+        raise UserInputError(f"got {len(alphas)} --lora-alpha values for {len(sources)} --lora adapters")
+    return list(zip(sources, alphas, strict=True))
+
+
 def _noise_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(","))
@@ -96,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cond-frames", type=int, help="leading clip frames, 1+4k")
     gen.add_argument("--end-frames", type=int, help="trailing clip frames, a multiple of 4")
     gen.add_argument("--noise", type=_noise_list, help="noise multipliers, comma list (see below)")
-    gen.add_argument("--lora", action="append", default=[], help="LoRA adapter file or URI (repeatable)")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        help="LoRA adapter, path or s3:// (Pusa .pt, ComfyUI/kohya, diffusers, pusa-ray); repeatable",
+    )
     gen.add_argument(
         "--lora-alpha", type=float, action="append", default=[], help="scale per --lora (default 1.4)"
     )
@@ -114,17 +133,15 @@ def run_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from pusa_ray import video
-    from pusa_ray.models.loading import load_components
+    from pusa_ray.models.loading import apply_adapters, load_components
     from pusa_ray.pipeline import default_settings, generate
     from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
 
-    if args.lora:
-        raise UserInputError(
-            "--lora: loading adapters is not supported yet (coming with the checkpoint formats)"
-        )
     if args.out.suffix.lower() != ".mp4":
         raise UserInputError(f"--out {str(args.out)!r} must end in .mp4")
+    adapters = lora_pairs(args.lora, args.lora_alpha)
     components = load_components(args.model, device=args.device)
+    apply_adapters(components, adapters)
     settings = default_settings(
         components,
         frames=args.frames,

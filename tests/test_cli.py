@@ -256,7 +256,8 @@ BAD = [
     (["--model", "nope"], "'nope'"),
     (["--model", "wan2.1-t2v-14b"], "no embedded weights"),
     (["--steps", "0"], "got 0"),
-    (["--lora", "x.safetensors"], "--lora"),
+    (["--lora", "x.safetensors"], "x.safetensors"),
+    (["--lora-alpha", "1.0"], "without --lora"),
     (["--task", "morph"], "'morph'"),
 ]
 

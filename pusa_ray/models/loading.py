@@ -130,6 +130,23 @@ def _directory_spec(path: Path, transformer: dict, vae: dict, text_encoder: dict
     )
 
 
+def apply_adapters(components: Components, adapters: list[tuple[str, float]], merge: bool = True) -> None:
+    """Load LoRA adapters (paths or URIs, each with its alpha) onto the DiT, merged or through peft."""
+    from pusa_ray.checkpoints.lora import attach_adapters, check_compatible, load_adapter, merge_adapter
+
+    transformer = components.model.transformer
+    loaded = [(load_adapter(source), alpha) for source, alpha in adapters]
+    for adapter, _ in loaded:
+        check_compatible(adapter, transformer, components.spec.architecture)
+    if merge:
+        for adapter, alpha in loaded:
+            merge_adapter(transformer, adapter, alpha)
+    else:
+        attach_adapters(
+            transformer, [(f"adapter_{i}", adapter, alpha) for i, (adapter, alpha) in enumerate(loaded)]
+        )
+
+
 def save_model_dir(components: Components, path: str | Path) -> Path:
     """Write a model in diffusers' Wan layout (what `load_components` and `WanPipeline` read)."""
     path = Path(path)

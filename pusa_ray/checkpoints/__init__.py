@@ -1,0 +1,1 @@
+"""Checkpoint and adapter formats: Wan2.1 original release, Pusa LoRA, diffusers, ours."""
