@@ -124,7 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    conv = commands.add_parser(
+        "convert",
+        help="convert a model to our layout, or a LoRA adapter between formats",
+        description=(
+            "A model (preset, diffusers directory, original Wan2.1 release, local or s3://) becomes a "
+            "diffusers-layout directory (s3:// destinations are committed with a manifest). An adapter "
+            "file (.pt/.pth/.bin/.safetensors in any supported layout) becomes --to FORMAT."
+        ),
+    )
+    conv.add_argument("source")
+    conv.add_argument("destination")
+    conv.add_argument(
+        "--to", default="pusa-ray", help="adapter format: pusa-ray (default), pusa-pt, diffusers"
+    )
+    conv.add_argument("--base-model", help="model an adapter targets (recorded in the pusa-ray format)")
     return parser
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from pusa_ray.convert import convert_adapter, convert_model, is_adapter_file
+
+    if is_adapter_file(args.source):
+        written = convert_adapter(args.source, args.destination, args.to, args.base_model)
+    else:
+        written = convert_model(args.source, args.destination)
+    print(f"wrote {written}")
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -190,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "convert":
+            run_convert(args)
     except (UserInputError, FileNotFoundError, ValueError, OSError) as error:
         if os.environ.get("PUSA_RAY_DEBUG"):
             raise

@@ -86,6 +86,11 @@ def load_components(
             )
         transformer, vae, text_encoder = build_seeded(spec)
         tokenizer = byte_tokenizer(spec.text_length)
+    elif model.startswith("s3://"):
+        from pusa_ray import storage
+
+        local = storage.cached_dir(model)  # committed directories only, sizes verified
+        spec, transformer, vae, text_encoder, tokenizer = _load_directory(local, dtype, name=model)
     elif Path(model).is_dir():
         spec, transformer, vae, text_encoder, tokenizer = _load_directory(Path(model), dtype)
     else:
@@ -97,7 +102,9 @@ def load_components(
     return Components(spec, VTAWanTransformer(transformer), WanCodec(vae), tokenizer, text_encoder, device)
 
 
-def _load_directory(path: Path, dtype: torch.dtype) -> tuple[ModelSpec, Any, Any, Any, Any]:
+def _load_directory(
+    path: Path, dtype: torch.dtype, name: str | None = None
+) -> tuple[ModelSpec, Any, Any, Any, Any]:
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         if not (path / part).is_dir():
             raise UserInputError(
@@ -107,11 +114,15 @@ def _load_directory(path: Path, dtype: torch.dtype) -> tuple[ModelSpec, Any, Any
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
     text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    spec = _directory_spec(path, dict(transformer.config), dict(vae.config), text_encoder.config.to_dict())
+    spec = _directory_spec(
+        path, dict(transformer.config), dict(vae.config), text_encoder.config.to_dict(), name
+    )
     return spec, transformer, vae, text_encoder, tokenizer
 
 
-def _directory_spec(path: Path, transformer: dict, vae: dict, text_encoder: dict) -> ModelSpec:
+def _directory_spec(
+    path: Path, transformer: dict, vae: dict, text_encoder: dict, name: str | None = None
+) -> ModelSpec:
     """Defaults for a directory: from our spec file if present, else from the matching Wan preset."""
     saved = json.loads((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).is_file() else {}
     base = PRESETS.get(saved.get("preset", ""))
@@ -121,7 +132,7 @@ def _directory_spec(path: Path, transformer: dict, vae: dict, text_encoder: dict
     overrides = {key: saved[key] for key in ("frames", "height", "width", "fps") if key in saved}
     return dataclasses.replace(
         base,
-        name=saved.get("name", str(path)),
+        name=saved.get("name", name or str(path)),
         transformer={key: transformer[key] for key in base.transformer if key in transformer},
         vae={key: vae[key] for key in base.vae if key in vae},
         text_encoder={key: text_encoder[key] for key in base.text_encoder if key in text_encoder},
@@ -147,8 +158,22 @@ def apply_adapters(components: Components, adapters: list[tuple[str, float]], me
         )
 
 
-def save_model_dir(components: Components, path: str | Path) -> Path:
-    """Write a model in diffusers' Wan layout (what `load_components` and `WanPipeline` read)."""
+def save_model_dir(components: Components, path: str | Path) -> str:
+    """Write a model in diffusers' Wan layout (what `load_components` and `WanPipeline` read).
+
+    An s3:// destination is written locally first, then uploaded and committed (manifest last).
+    """
+    if str(path).startswith("s3://"):
+        import tempfile
+
+        from pusa_ray import storage
+
+        with tempfile.TemporaryDirectory() as local:
+            save_model_dir(components, local)
+            storage.upload_dir(
+                local, str(path), commit=True, extra={"kind": "model", "name": components.spec.name}
+            )
+        return str(path)
     path = Path(path)
     spec = components.spec
     pipeline = WanPipeline(
@@ -162,4 +187,4 @@ def save_model_dir(components: Components, path: str | Path) -> Path:
     saved = {"name": spec.name, "preset": spec.name if spec.name in PRESETS else None}
     saved.update({key: getattr(spec, key) for key in ("frames", "height", "width", "fps")})
     (path / SPEC_FILE).write_text(json.dumps(saved, indent=2))
-    return path
+    return str(path)
