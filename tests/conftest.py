@@ -155,3 +155,30 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
             if keys:
                 client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
         client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server) -> Iterator[None]:
+    """A local Ray cluster (2 logical CPUs, no GPUs, no dashboard) whose workers see the S3 endpoint.
+
+    It depends on `s3_server` so that the AWS variables are set before Ray starts its workers.
+    Actors in tests ask for fractional CPUs: with whole ones, Ray Data's read tasks starve (DESIGN.md).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+    env_vars = {name: os.environ[name] for name in names}
+    env_vars["PUSA_RAY_CACHE"] = str(s3_server.log_path.parent / "worker-cache")
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        object_store_memory=256 * 1024 * 1024,
+        runtime_env={"env_vars": env_vars},
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
