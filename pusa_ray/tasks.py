@@ -6,7 +6,7 @@ Serve app and batch jobs all go through `build_conditions`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,56 +80,99 @@ def default_tail_frames(shape: VideoShape) -> int:
     return shape.temporal * max(1, (shape.num_latents - 1) // 6)
 
 
-def _require(inputs: TaskInputs, needed: Sequence[str], optional: Sequence[str] = ()) -> None:
-    allowed = set(needed) | set(optional) | {"task", "noise"}
+# task -> (required inputs, optional inputs); `task` and `noise` are always accepted.
+TASK_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "t2v": ((), ()),
+    "i2v": (("image",), ()),
+    "start-end": (("image", "end_image"), ()),
+    "keyframes": (("keyframes",), ()),
+    "extend": (("video",), ("cond_frames",)),
+    "complete": (("video",), ("cond_frames", "end_frames")),
+    "transition": (("video", "end_video"), ("cond_frames", "end_frames")),
+}
+
+
+def _given(value: object) -> bool:
+    return value is not None and value != ()
+
+
+def _conditioned_latents(inputs: TaskInputs, shape: VideoShape) -> int:
+    """How many latents the task conditions, from frame counts alone."""
+    if inputs.task == "i2v":
+        return 1
+    if inputs.task == "start-end":
+        return 2
+    leading = plans.segment_latents(inputs.cond_frames or default_lead_frames(shape), False, shape.temporal)
+    if inputs.task == "extend":
+        trailing = 0
+    else:
+        end_frames = inputs.end_frames or default_tail_frames(shape)
+        trailing = plans.segment_latents(end_frames, True, shape.temporal)
+    if leading + trailing > shape.num_latents:
+        raise UserInputError(
+            f"{inputs.task}: {leading} + {trailing} conditioned latents do not fit in "
+            f"{shape.num_latents} latent frames"
+        )
+    return leading + trailing
+
+
+def validate_inputs(inputs: TaskInputs, shape: VideoShape) -> None:
+    """Every check that needs no media decoding: fields, positions, noise counts and ranges."""
+    if inputs.task not in TASK_FIELDS:
+        raise UserInputError(f"unknown task {inputs.task!r} (known: {', '.join(TASK_FIELDS)})")
+    needed, optional = TASK_FIELDS[inputs.task]
     for name in TaskInputs.__dataclass_fields__:
-        value = getattr(inputs, name)
-        given = value is not None and value != ()
-        if name in needed and not given:
-            raise UserInputError(f"task {inputs.task!r} needs --{name.replace('_', '-')}")
-        if name not in allowed and given:
-            raise UserInputError(f"task {inputs.task!r} does not take --{name.replace('_', '-')}")
+        flag = "--" + name.replace("_", "-")
+        if name in needed and not _given(getattr(inputs, name)):
+            raise UserInputError(f"task {inputs.task!r} needs {flag}")
+        if name not in (*needed, *optional, "task", "noise") and _given(getattr(inputs, name)):
+            raise UserInputError(f"task {inputs.task!r} does not take {flag}")
+    if inputs.task in ("t2v", "keyframes"):
+        if inputs.noise:
+            where = (
+                "has no conditioned frames"
+                if inputs.task == "t2v"
+                else "takes each noise in --cond POS:PATH:NOISE"
+            )
+            raise UserInputError(f"task {inputs.task!r} {where}, so --noise does not apply")
+        indices = []
+        for position, _source, noise in inputs.keyframes:
+            indices.append(plans.parse_position(position, shape.num_latents, shape.frames, shape.temporal))
+            plans.expand_noise([noise], 1, (), "keyframes")
+        plans.validate_indices(indices, shape.num_latents)
+        return
+    count = _conditioned_latents(inputs, shape)
+    plans.expand_noise(inputs.noise, count, (0.0,), inputs.task)
 
 
 def _t2v(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, [])
-    if inputs.noise:
-        raise UserInputError("task 't2v' has no conditioned frames, so --noise does not apply")
     return plans.text_to_video()
 
 
 def _i2v(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["image"])
     return plans.image_to_video(load_image(inputs.image, shape), inputs.noise)
 
 
 def _start_end(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["image", "end_image"])
     first, last = load_image(inputs.image, shape), load_image(inputs.end_image, shape)
     return plans.start_end(first, last, shape.num_latents, inputs.noise)
 
 
 def _keyframes(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["keyframes"])
-    if inputs.noise:
-        raise UserInputError("task 'keyframes' takes each noise in --cond POS:PATH:NOISE, not --noise")
     items = []
     for position, source, noise in inputs.keyframes:
         index = plans.parse_position(position, shape.num_latents, shape.frames, shape.temporal)
         items.append((index, load_image(source, shape), noise))
-    plans.validate_indices([index for index, _, _ in items], shape.num_latents)
     return plans.keyframes(items)
 
 
 def _extend(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["video"], ["cond_frames"])
     cond_frames = inputs.cond_frames or default_lead_frames(shape)
     clip = load_clip(inputs.video, shape)
     return plans.extend(clip, cond_frames, shape.num_latents, inputs.noise, shape.temporal)
 
 
 def _complete(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["video"], ["cond_frames", "end_frames"])
     cond_frames = inputs.cond_frames or default_lead_frames(shape)
     end_frames = inputs.end_frames or default_tail_frames(shape)
     clip = load_clip(inputs.video, shape)
@@ -137,7 +180,6 @@ def _complete(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaConditio
 
 
 def _transition(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    _require(inputs, ["video", "end_video"], ["cond_frames", "end_frames"])
     cond_frames = inputs.cond_frames or default_lead_frames(shape)
     end_frames = inputs.end_frames or default_tail_frames(shape)
     clip, end_clip = load_clip(inputs.video, shape), load_clip(inputs.end_video, shape)
@@ -158,8 +200,6 @@ TASKS: dict[str, Callable[[TaskInputs, VideoShape], list[plans.MediaCondition]]]
 
 
 def build_conditions(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
-    """Load the task's media at the target size and place it on latent positions."""
-    builder = TASKS.get(inputs.task)
-    if builder is None:
-        raise UserInputError(f"unknown task {inputs.task!r} (known: {', '.join(TASKS)})")
-    return builder(inputs, shape)
+    """Check the inputs, then load the task's media at the target size and place it on latent positions."""
+    validate_inputs(inputs, shape)
+    return TASKS[inputs.task](inputs, shape)
