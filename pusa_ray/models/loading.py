@@ -61,6 +61,23 @@ def build_seeded(spec: ModelSpec) -> tuple[WanTransformer3DModel, AutoencoderKLW
     return transformer, vae, text_encoder
 
 
+def model_architecture(model: str) -> dict[str, Any] | None:
+    """A model's DiT shape without loading weights (preset table or transformer/config.json), if known."""
+    if model in PRESETS:
+        return PRESETS[model].architecture
+    keys = PRESETS["tiny"].architecture.keys()
+    try:
+        if model.startswith("s3://"):
+            from pusa_ray import storage
+
+            config = json.loads(storage.read_bytes(storage.join(model, "transformer/config.json")))
+        else:
+            config = json.loads((Path(model) / "transformer" / "config.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return {key: config[key] for key in keys if key in config}
+
+
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast floating parameters to `dtype`, keeping the model's declared fp32 modules in float32."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
