@@ -61,21 +61,36 @@ def build_seeded(spec: ModelSpec) -> tuple[WanTransformer3DModel, AutoencoderKLW
     return transformer, vae, text_encoder
 
 
-def model_architecture(model: str) -> dict[str, Any] | None:
-    """A model's DiT shape without loading weights (preset table or transformer/config.json), if known."""
-    if model in PRESETS:
-        return PRESETS[model].architecture
-    keys = PRESETS["tiny"].architecture.keys()
-    try:
-        if model.startswith("s3://"):
-            from pusa_ray import storage
+def describe_model(model: str) -> dict[str, Any]:
+    """A model's DiT shape and video defaults without loading weights (for services that only route).
 
-            config = json.loads(storage.read_bytes(storage.join(model, "transformer/config.json")))
-        else:
-            config = json.loads((Path(model) / "transformer" / "config.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return {key: config[key] for key in keys if key in config}
+    Presets come from the table; directories (local or s3://) from `transformer/config.json` and our
+    spec file. Unknown parts are None.
+    """
+    if model in PRESETS:
+        spec = PRESETS[model]
+        return {
+            "architecture": spec.architecture,
+            "frames": spec.frames,
+            "height": spec.height,
+            "width": spec.width,
+        }
+
+    def read(relative: str) -> dict | None:
+        try:
+            if model.startswith("s3://"):
+                from pusa_ray import storage
+
+                return json.loads(storage.read_bytes(storage.join(model, relative)))
+            return json.loads((Path(model) / relative).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    config = read("transformer/config.json")
+    keys = PRESETS["tiny"].architecture.keys()
+    architecture = {key: config[key] for key in keys if key in config} if config else None
+    saved = read(SPEC_FILE) or {}
+    return {"architecture": architecture, **{key: saved.get(key) for key in ("frames", "height", "width")}}
 
 
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -35,6 +35,7 @@ from pusa_ray.checkpoints import adapters as published
 from pusa_ray.conditioning import latents_for_frames
 from pusa_ray.config import PRESETS
 from pusa_ray.errors import UserInputError
+from pusa_ray.models.loading import describe_model
 from pusa_ray.serving.execute import task_inputs
 from pusa_ray.serving.jobs import TERMINAL_STATES, JobStore, Record, job_status, new_job_id
 from pusa_ray.serving.schemas import JobList, JobView, Media, VideoRequest
@@ -134,12 +135,6 @@ def _field_of(message: str) -> str | None:
     return None
 
 
-def _architecture(model: str) -> dict | None:
-    from pusa_ray.models.loading import model_architecture
-
-    return model_architecture(model)
-
-
 def _bearer_key(authorization: str | None = Header(default=None)) -> str | None:
     if not authorization or not authorization.startswith("Bearer "):
         return None
@@ -157,9 +152,14 @@ class Ingress:
         self.store = JobStore(self.settings.storage_root)
         self.generator = generator
         self.calls: dict[str, asyncio.Task] = {}  # job id -> the task awaiting its generator call
-        self.model_architecture = await asyncio.to_thread(_architecture, self.settings.model)
-        spec = PRESETS.get(self.settings.model)
-        self.shape_defaults = (spec.frames, spec.height, spec.width) if spec else (81, 480, 832)
+        described = await asyncio.to_thread(describe_model, self.settings.model)
+        self.model_architecture = described["architecture"]
+        wan = PRESETS["wan2.1-t2v-14b"]
+        self.shape_defaults = (
+            described["frames"] or wan.frames,
+            described["height"] or wan.height,
+            described["width"] or wan.width,
+        )
         self.active = metrics.Gauge("pusa_jobs_active", description="accepted, unfinished jobs")
         self.failures = metrics.Counter("pusa_jobs_failed_total", description="jobs that ended failed")
         self.latency = metrics.Histogram(

@@ -1,0 +1,157 @@
+"""Deploying serve/config.local.yaml on the test cluster, and small HTTP helpers for the Serve tests.
+
+The deployed config is the shipped file with a documented override of its `args` storage and
+access settings only (storage root, adapters prefix, allowed input prefixes, API key variable,
+model) plus the HTTP port; every deployment option (replicas, autoscaling, shutdown) is used as
+written.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_CONFIG = REPO / "serve" / "config.local.yaml"
+API_KEY_ENV = "PUSA_RAY_TEST_API_KEY"
+API_KEY = "test-key-0123456789"
+APP = "pusa"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_config(port: int, storage_root: str, adapters_prefix: str, inputs_prefix: str, model: str) -> dict:
+    config = yaml.safe_load(LOCAL_CONFIG.read_text())
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update(
+        model=model,
+        storage_root=storage_root,
+        adapters_prefix=adapters_prefix,
+        allowed_input_prefixes=[inputs_prefix],
+        api_key_env=API_KEY_ENV,
+    )
+    names = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "PUSA_RAY_CACHE",
+    )
+    env_vars = {name: os.environ[name] for name in names if name in os.environ}
+    app["runtime_env"] = {"env_vars": {**env_vars, API_KEY_ENV: API_KEY}}
+    return config
+
+
+def deploy(config: dict, timeout_s: float = 180.0) -> None:
+    """Deploy a config the way `serve run config.yaml` does, and wait until the app is RUNNING."""
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    client = serve_api.serve_start(
+        http_options=config["http_options"], proxy_location=config["proxy_location"]
+    )
+    client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+    wait_for(lambda: _app_status(serve) == "RUNNING", timeout_s, "the Serve app to run", _app_failed(serve))
+
+
+def _app_status(serve: Any) -> str | None:
+    app = serve.status().applications.get(APP)
+    return app.status if app else None
+
+
+def _app_failed(serve: Any) -> Callable[[], None]:
+    def check() -> None:
+        app = serve.status().applications.get(APP)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise AssertionError(f"deploy failed: {app.message}")
+
+    return check
+
+
+def replicas(deployment: str = "Generator") -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None or deployment not in app.deployments:
+        return 0
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout_s: float, what: str, check: Callable[[], None] | None = None
+) -> Any:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if check is not None:
+            check()
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class Api:
+    """A tiny client for the tests: base URL, auth header, and polling."""
+
+    def __init__(self, base: str, key: str | None = API_KEY) -> None:
+        self.base = base
+        self.session = requests.Session()
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+
+    def post(self, body: dict, **kwargs: Any) -> requests.Response:
+        return self.session.post(f"{self.base}/v1/videos", json=body, timeout=60, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.session.get(f"{self.base}{path}", timeout=60, **kwargs)
+
+    def delete(self, job_id: str) -> requests.Response:
+        return self.session.delete(f"{self.base}/v1/videos/{job_id}", timeout=60)
+
+    def wait(
+        self, job_id: str, timeout_s: float = 120.0, statuses=("completed", "failed", "cancelled")
+    ) -> dict:
+        def finished() -> dict | None:
+            view = self.get(f"/v1/videos/{job_id}").json()
+            return view if view.get("status") in statuses else None
+
+        return wait_for(finished, timeout_s, f"job {job_id} to reach {statuses}")
+
+
+def png_b64(seed: int = 0, size: tuple[int, int] = (48, 40)) -> str:
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def mp4_bytes(frames: int, tmp: Path, seed: int = 0) -> bytes:
+    import numpy as np
+
+    from pusa_ray import video
+
+    clip = np.zeros((frames, 32, 48, 3), dtype=np.uint8)
+    for i in range(frames):
+        clip[i, 8:20, (i + seed) % 36 : (i + seed) % 36 + 12] = (200, 40 + seed * 10, 40)
+    path = tmp / f"clip-{frames}-{seed}.mp4"
+    video.write_mp4(path, clip, fps=16)
+    return path.read_bytes()

@@ -1,0 +1,324 @@
+"""The Serve app end to end over real HTTP: local Ray, CPU replicas, tiny preset, moto S3."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from pusa_ray import storage, video
+from pusa_ray.checkpoints import adapters as published
+from pusa_ray.checkpoints import lora
+from pusa_ray.cli import main as cli_main
+from tests.serve_helpers import (
+    API_KEY,
+    Api,
+    deploy,
+    free_port,
+    local_config,
+    mp4_bytes,
+    png_b64,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(900)]
+
+SMALL = {"frames": 17, "height": 32, "width": 48, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    name = f"serve-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster, bucket) -> Api:
+    from ray import serve
+
+    port = free_port()
+    config = local_config(
+        port,
+        storage_root=f"{bucket}/serve",
+        adapters_prefix=f"{bucket}/adapters",
+        inputs_prefix=f"{bucket}/inputs",
+        model="tiny",
+    )
+    deploy(config)
+    yield Api(f"http://127.0.0.1:{port}")
+    serve.delete("pusa")
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("clips")
+    return {
+        "clip": base64.b64encode(mp4_bytes(25, tmp)).decode(),
+        "other": base64.b64encode(mp4_bytes(21, tmp, seed=3)).decode(),
+    }
+
+
+def task_bodies(bucket: str, clips: dict[str, str]) -> dict[str, dict]:
+    storage.write_bytes(f"{bucket}/inputs/first.png", base64.b64decode(png_b64(7)))
+    image, end = {"data": png_b64(1)}, {"data": png_b64(2)}
+    return {
+        "t2v": {},
+        "i2v": {"image": image, "noise": [0.2]},
+        "i2v-s3": {"task": "i2v", "image": {"uri": f"{bucket}/inputs/first.png"}},
+        "start-end": {"image": image, "end_image": end},
+        "keyframes": {
+            "keyframes": [
+                {"position": "0", "image": image, "noise": 0.0},
+                {"position": "f:8", "image": end, "noise": 0.3},
+                {"position": "-1", "image": image, "noise": 0.5},
+            ]
+        },
+        "extend": {"video": {"data": clips["clip"]}, "cond_frames": 5},
+        "complete": {"video": {"data": clips["clip"]}, "cond_frames": 5, "end_frames": 4},
+        "transition": {
+            "video": {"data": clips["clip"]},
+            "end_video": {"data": clips["other"]},
+            "cond_frames": 5,
+            "end_frames": 4,
+        },
+    }
+
+
+def test_health_and_models(api):
+    assert api.get("/healthz").json()["status"] == "ok"
+    models = api.get("/v1/models").json()
+    assert models["model"]["id"] == "tiny" and models["model"]["architecture"]["num_layers"] == 2
+    assert api.get("/openapi.json").status_code == 200
+
+
+def test_every_task_end_to_end(api, bucket, clips, tmp_path):
+    bodies = task_bodies(bucket, clips)
+    submitted = {}
+    for name, extra in bodies.items():
+        body = {"task": name, "prompt": f"a red square, {name}", **SMALL, "seed": 1, **extra}
+        response = api.post(body)
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "queued"
+        submitted[name] = response.json()["id"]
+    for name, job_id in submitted.items():
+        view = api.wait(job_id)
+        assert view["status"] == "completed", (name, view)
+        assert view["progress"] == 100.0 and view["parameters"]["frames"] == 17
+        content = api.get(f"/v1/videos/{job_id}/content")
+        assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
+        path = tmp_path / f"{name}.mp4"
+        path.write_bytes(content.content)
+        assert video.probe_video(path) == {"frames": 17, "height": 32, "width": 48, "fps": 16.0}
+    listed = api.get("/v1/videos", params={"limit": 100}).json()["data"]
+    assert set(submitted.values()) <= {job["id"] for job in listed}
+
+
+def test_same_seed_gives_the_cli_latents(api, tmp_path):
+    body = {"prompt": "a blue circle", "frames": 9, "height": 32, "width": 32, "steps": 3, "seed": 7}
+    job_id = api.post(body).json()["id"]
+    assert api.wait(job_id)["status"] == "completed"
+    served = load_safetensors(api.get(f"/v1/videos/{job_id}/content", params={"variant": "latents"}).content)
+    argv = ["generate", "--prompt", "a blue circle", "--frames", "9", "--height", "32", "--width", "32"]
+    argv += ["--steps", "3", "--seed", "7", "--quiet", "--out", str(tmp_path / "a.mp4")]
+    assert cli_main([*argv, "--save-latents", str(tmp_path / "a.safetensors")]) == 0
+    local = load_safetensors((tmp_path / "a.safetensors").read_bytes())["latents"]
+    # Ray pins each replica's torch threads, so the sums run in another order: equal to float tolerance.
+    torch.testing.assert_close(served["latents"], local, rtol=1e-4, atol=1e-4)
+
+
+def test_eight_concurrent_jobs_complete(api):
+    ids = [api.post({"prompt": f"job {i}", **SMALL, "seed": i}).json()["id"] for i in range(8)]
+    views = [api.wait(job_id) for job_id in ids]
+    assert [view["status"] for view in views] == ["completed"] * 8
+    latents = [
+        api.get(f"/v1/videos/{job_id}/content", params={"variant": "latents"}).content for job_id in ids
+    ]
+    assert len(set(latents)) == 8
+
+
+def test_idempotency_key_returns_the_same_job(api):
+    headers = {"Idempotency-Key": f"retry-{uuid.uuid4()}"}
+    first = api.post({"prompt": "once", **SMALL}, headers=headers).json()
+    second = api.post({"prompt": "once", **SMALL}, headers=headers).json()
+    assert first["id"] == second["id"]
+    assert api.wait(first["id"])["status"] == "completed"
+
+
+def test_delete_cancels_and_removes_everything(api, bucket):
+    job_id = api.post({"prompt": "soon gone", "frames": 33, "height": 128, "width": 128, "steps": 50}).json()[
+        "id"
+    ]
+    deleted = api.delete(job_id)
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert api.get(f"/v1/videos/{job_id}").status_code == 404
+    prefix = f"{bucket}/serve/jobs/{job_id}"
+    from tests.serve_helpers import wait_for
+
+    wait_for(lambda: storage.list_files(prefix) == [], 60, "the job's files to be deleted")
+
+
+def test_api_key_is_enforced(api):
+    anonymous, wrong = Api(api.base, key=None), Api(api.base, key="nope")
+    for client in (anonymous, wrong):
+        response = client.post({"prompt": "x"})
+        assert response.status_code == 401
+        assert response.json()["error"]["field"] == "authorization"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert client.get("/v1/videos").status_code == 401
+    assert anonymous.get("/healthz").status_code == 200
+    assert Api(api.base, key=API_KEY).get("/v1/videos").status_code == 200
+
+
+def bad_requests(bucket: str) -> list[tuple[str, dict, int, str]]:
+    image = {"data": png_b64()}
+    return [
+        ("no prompt", {"frames": 9}, 400, "prompt"),
+        ("blank prompt", {"prompt": "   "}, 400, "prompt"),
+        ("unknown task", {"prompt": "x", "task": "morph"}, 400, "task"),
+        ("unknown field", {"prompt": "x", "colour": "red"}, 400, "colour"),
+        ("frames not 1+4k", {"prompt": "x", "frames": 8}, 400, "frames"),
+        ("frames over limit", {"prompt": "x", "frames": 81}, 400, "frames"),
+        ("height not /16", {"prompt": "x", "height": 40}, 400, "height"),
+        ("width over schema bound", {"prompt": "x", "width": 4096}, 400, "width"),
+        ("too many pixels", {"prompt": "x", "height": 256, "width": 256}, 400, "height"),
+        ("zero steps", {"prompt": "x", "steps": 0}, 400, "steps"),
+        ("steps over limit", {"prompt": "x", "steps": 60}, 400, "steps"),
+        ("negative guidance", {"prompt": "x", "guidance": -1}, 400, "guidance"),
+        ("zero shift", {"prompt": "x", "shift": 0}, 400, "shift"),
+        ("negative seed", {"prompt": "x", "seed": -1}, 400, "seed"),
+        ("zero fps", {"prompt": "x", "fps": 0}, 400, "fps"),
+        ("noise outside [0,1]", {"prompt": "x", "task": "i2v", "image": image, "noise": [1.5]}, 400, "noise"),
+        ("i2v without image", {"prompt": "x", "task": "i2v"}, 400, "image"),
+        ("t2v with image", {"prompt": "x", "image": image}, 400, "image"),
+        (
+            "data and uri",
+            {"prompt": "x", "task": "i2v", "image": {**image, "uri": f"{bucket}/inputs/a.png"}},
+            400,
+            "image",
+        ),
+        ("not base64", {"prompt": "x", "task": "i2v", "image": {"data": "@@@"}}, 400, "image.data"),
+        (
+            "uri outside allowed",
+            {"prompt": "x", "task": "i2v", "image": {"uri": "s3://elsewhere/a.png"}},
+            403,
+            "image",
+        ),
+        (
+            "keyframe out of range",
+            {
+                "prompt": "x",
+                "task": "keyframes",
+                "keyframes": [{"position": "99", "image": image, "noise": 0}],
+            },
+            400,
+            "keyframes",
+        ),
+        (
+            "two keyframes on one latent",
+            {
+                "prompt": "x",
+                "task": "keyframes",
+                "keyframes": [
+                    {"position": "0", "image": image, "noise": 0},
+                    {"position": "f:0", "image": image, "noise": 0},
+                ],
+            },
+            400,
+            "keyframes",
+        ),
+        (
+            "start-end noise count",
+            {
+                "prompt": "x",
+                "task": "start-end",
+                "image": image,
+                "end_image": image,
+                "noise": [0.1, 0.2, 0.3],
+            },
+            400,
+            "noise",
+        ),
+        ("unknown adapter", {"prompt": "x", "adapter": "nobody"}, 404, "adapter"),
+        ("adapter path escape", {"prompt": "x", "adapter": "../x"}, 400, "adapter"),
+        ("alpha too large", {"prompt": "x", "adapter_alpha": 9}, 400, "adapter_alpha"),
+        (
+            "media too large",
+            {"prompt": "x", "task": "i2v", "image": {"data": base64.b64encode(b"\0" * 5_000_000).decode()}},
+            413,
+            "image",
+        ),
+    ]
+
+
+def test_bad_requests_get_a_4xx_naming_the_field(api, bucket):
+    cases = bad_requests(bucket)
+    assert len(cases) >= 20
+    for name, body, status, field in cases:
+        response = api.post(body)
+        assert response.status_code == status, (name, response.status_code, response.text)
+        error = response.json()["error"]
+        assert error["field"] == field, (name, error)
+        assert error["message"], name
+    not_json = api.session.post(
+        f"{api.base}/v1/videos", data=b"{nope", headers={"Content-Type": "application/json"}
+    )
+    assert not_json.status_code == 400
+    assert api.get("/v1/videos/vid_0123").status_code == 404
+    assert api.get("/v1/videos/../etc").status_code == 404
+    assert api.get("/v1/videos/vid_0123/content").status_code == 404
+    assert api.get("/v1/videos", params={"after": "vid_nope"}).json()["error"]["field"] == "after"
+    assert api.get("/v1/videos", params={"limit": 0}).json()["error"]["field"] == "limit"
+
+
+def _publish(bucket: str, tmp_path, name: str, architecture: dict) -> None:
+    from pusa_ray.models.loading import load_components
+    from tests.test_lora import pusa_state
+
+    tiny = load_components("tiny", device="cpu")
+    torch.save(pusa_state(tiny.model.transformer), tmp_path / f"{name}.pt")
+    adapter = lora.load_adapter(tmp_path / f"{name}.pt")
+    local = lora.save_adapter(
+        tmp_path / f"{name}.safetensors",
+        adapter.weights,
+        rank=adapter.rank,
+        lora_alpha=float(adapter.rank),
+        base_model="tiny",
+        architecture=architecture,
+        target_modules=adapter.modules,
+    )
+    metadata = {"base_model": "tiny", "architecture": architecture, "rank": adapter.rank, "step": 0}
+    published.publish_adapter(local, f"{bucket}/adapters", name, metadata)
+
+
+def test_adapters_change_the_output_and_alpha_zero_is_the_base(api, bucket, tmp_path):
+    from pusa_ray.config import PRESETS
+
+    _publish(bucket, tmp_path, "pusa-tiny", PRESETS["tiny"].architecture)
+    _publish(bucket, tmp_path, "for-14b", PRESETS["wan2.1-t2v-14b"].architecture)
+    listed = {item["id"]: item for item in api.get("/v1/models").json()["adapters"]}
+    assert listed["pusa-tiny"]["rank"] == 4 and "for-14b" in listed
+
+    body = {"prompt": "a green cube", **SMALL, "seed": 3}
+    runs = {
+        "base": {},
+        "zero": {"adapter": "pusa-tiny", "adapter_alpha": 0.0},
+        "lora": {"adapter": "pusa-tiny"},
+    }
+    ids = {name: api.post({**body, **extra}).json()["id"] for name, extra in runs.items()}
+    latents = {}
+    for name, job_id in ids.items():
+        assert api.wait(job_id)["status"] == "completed", name
+        latents[name] = api.get(f"/v1/videos/{job_id}/content", params={"variant": "latents"}).content
+    assert load_safetensors(latents["zero"])["latents"].equal(load_safetensors(latents["base"])["latents"])
+    assert latents["lora"] != latents["base"]
+    # the base again after an adapter ran: the base weights did not drift
+    again = api.post(body).json()["id"]
+    api.wait(again)
+    assert api.get(f"/v1/videos/{again}/content", params={"variant": "latents"}).content == latents["base"]
+
+    wrong = api.post({**body, "adapter": "for-14b"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["field"] == "adapter"
+    assert "architecture" in wrong.json()["error"]["message"]
