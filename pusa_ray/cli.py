@@ -78,7 +78,62 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def add_generation_flags(parser: argparse.ArgumentParser, service: bool = False) -> None:
+    """What to generate: shared by `generate` (local) and `client submit` (a service)."""
+    parser.add_argument("--task", default="t2v", choices=TASK_NAMES)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", help="default: English translation of Wan's negative prompt")
+    parser.add_argument("--frames", type=int, help="1+4k pixel frames (default: the model's)")
+    parser.add_argument("--height", type=int, help="multiple of 16 (default: the model's)")
+    parser.add_argument("--width", type=int, help="multiple of 16 (default: the model's)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument(
+        "--guidance", type=float, help="classifier-free guidance; 1 disables it (default 3.0)"
+    )
+    parser.add_argument("--shift", type=float, help="timestep shift (default 5.0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=float, help="output frame rate (default: the model's)")
+    parser.add_argument("--image", help="first frame (i2v, start-end): a file or s3:// URI")
+    parser.add_argument("--end-image", help="last frame (start-end)")
+    parser.add_argument(
+        "--cond", action="append", default=[], metavar="POS:PATH:NOISE", help="keyframe (repeatable)"
+    )
+    parser.add_argument("--video", help="input clip (extend, complete, transition)")
+    parser.add_argument("--end-video", help="clip whose start closes a transition")
+    parser.add_argument("--cond-frames", type=int, help="leading clip frames, 1+4k")
+    parser.add_argument("--end-frames", type=int, help="trailing clip frames, a multiple of 4")
+    parser.add_argument("--noise", type=_noise_list, help="noise multipliers, comma list (see below)")
+    if service:
+        parser.add_argument("--adapter", help="a published adapter id (GET /v1/models) or an s3:// URI")
+        parser.add_argument("--adapter-alpha", type=float, help="adapter scale (service default 1.4)")
+        return
+    parser.add_argument(
+        "--model", default="tiny", help="preset, model directory or s3:// URI (default: tiny)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output mp4")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        help="LoRA adapter, path or s3:// (Pusa .pt, ComfyUI/kohya, diffusers, pusa-ray); repeatable",
+    )
+    parser.add_argument(
+        "--lora-alpha",
+        type=float,
+        action="append",
+        default=[],
+        help="scale per --lora: W += alpha*B@A, 1.0 = the trained model (default 1.4)",
+    )
+    parser.add_argument(
+        "--save-latents", type=Path, help="also write the final latents (safetensors, tensor 'latents')"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pusa_ray.client import add_client_parser
+
     parser = _Parser(prog="pusa-ray", description="Vectorized-timestep video diffusion (Pusa).")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser(
@@ -87,43 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TASK_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("--task", default="t2v", choices=TASK_NAMES)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", help="default: English translation of Wan's negative prompt")
-    gen.add_argument("--model", default="tiny", help="preset name or model directory (default: tiny)")
-    gen.add_argument("--out", required=True, type=Path, help="output mp4")
-    gen.add_argument("--frames", type=int, help="1+4k pixel frames (default: the preset's)")
-    gen.add_argument("--height", type=int, help="multiple of 16 (default: the preset's)")
-    gen.add_argument("--width", type=int, help="multiple of 16 (default: the preset's)")
-    gen.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance; 1 disables it (default 3.0)")
-    gen.add_argument("--shift", type=float, help="timestep shift (default 5.0)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=float, help="output frame rate (default: the preset's)")
-    gen.add_argument("--image", help="first frame (i2v, start-end)")
-    gen.add_argument("--end-image", help="last frame (start-end)")
-    gen.add_argument(
-        "--cond", action="append", default=[], metavar="POS:PATH:NOISE", help="keyframe (repeatable)"
-    )
-    gen.add_argument("--video", help="input clip (extend, complete, transition)")
-    gen.add_argument("--end-video", help="clip whose start closes a transition")
-    gen.add_argument("--cond-frames", type=int, help="leading clip frames, 1+4k")
-    gen.add_argument("--end-frames", type=int, help="trailing clip frames, a multiple of 4")
-    gen.add_argument("--noise", type=_noise_list, help="noise multipliers, comma list (see below)")
-    gen.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        help="LoRA adapter, path or s3:// (Pusa .pt, ComfyUI/kohya, diffusers, pusa-ray); repeatable",
-    )
-    gen.add_argument(
-        "--lora-alpha", type=float, action="append", default=[], help="scale per --lora (default 1.4)"
-    )
-    gen.add_argument(
-        "--save-latents", type=Path, help="also write the final latents (safetensors, tensor 'latents')"
-    )
-    gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_flags(gen)
+    add_client_parser(commands, add_generation_flags)
     conv = commands.add_parser(
         "convert",
         help="convert a model to our layout, or a LoRA adapter between formats",
@@ -217,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_generate(args)
         elif args.command == "convert":
             run_convert(args)
+        elif args.command == "client":
+            from pusa_ray.client import run_client
+
+            run_client(args)
     except (UserInputError, FileNotFoundError, ValueError, OSError) as error:
         if os.environ.get("PUSA_RAY_DEBUG"):
             raise

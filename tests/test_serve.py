@@ -322,3 +322,45 @@ def test_adapters_change_the_output_and_alpha_zero_is_the_base(api, bucket, tmp_
     wrong = api.post({**body, "adapter": "for-14b"})
     assert wrong.status_code == 400 and wrong.json()["error"]["field"] == "adapter"
     assert "architecture" in wrong.json()["error"]["message"]
+
+
+def test_the_client_submits_waits_and_downloads(api, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(tmp_path / "first.png")
+    common = ["client", "--url", api.base, "--api-key", API_KEY]
+    argv = [
+        *common,
+        "submit",
+        "--task",
+        "i2v",
+        "--prompt",
+        "a red frame",
+        "--image",
+        str(tmp_path / "first.png"),
+    ]
+    argv += [
+        "--frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--steps",
+        "2",
+        "--wait",
+        "--out",
+        str(tmp_path / "a.mp4"),
+    ]
+    assert cli_main(argv) == 0
+    view = __import__("json").loads(capsys.readouterr().out)
+    assert view["status"] == "completed" and view["task"] == "i2v"
+    assert video.probe_video(tmp_path / "a.mp4")["frames"] == 9
+    assert (
+        cli_main([*common, "download", view["id"], "--variant", "latents", "--out", str(tmp_path / "l.st")])
+        == 0
+    )
+    assert load_safetensors((tmp_path / "l.st").read_bytes())["latents"].shape == (1, 16, 3, 4, 6)
+    capsys.readouterr()
+    assert cli_main(["client", "--url", api.base, "status", view["id"]]) == 2  # no key
+    assert "HTTP 401" in capsys.readouterr().err
