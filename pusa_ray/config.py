@@ -7,6 +7,7 @@ architectures and take their weights from a model directory.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,54 +103,76 @@ def _wan_dit(heads: int, ffn_dim: int, layers: int) -> dict[str, Any]:
     }
 
 
+TINY = ModelSpec(
+    name="tiny",
+    transformer={
+        "patch_size": [1, 2, 2],
+        "num_attention_heads": 2,
+        "attention_head_dim": 12,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 32,
+        "freq_dim": 256,
+        "ffn_dim": 32,
+        "num_layers": 2,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 32,
+    },
+    vae={
+        "base_dim": 3,
+        "z_dim": 16,
+        "dim_mult": [1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "temperal_downsample": [False, True, True],
+    },
+    text_encoder={
+        "vocab_size": 259,
+        "d_model": 32,
+        "d_kv": 16,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_heads": 2,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu_new",
+        "is_gated_act": True,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    },
+    frames=9,
+    height=64,
+    width=64,
+    fps=16,
+    weights="seeded",
+    seed=0,
+    defaults={"steps": 4, "guidance": 3.0, "shift": 5.0},
+)
+
+# The tiny codec and text encoder under a wider DiT (4 layers, dim 512, ~25M parameters):
+# forwards that take tens of milliseconds, for benchmarks and load tests on a CPU.
+TINY_WIDE = dataclasses.replace(
+    TINY,
+    name="tiny-wide",
+    transformer={
+        **TINY.transformer,
+        "num_attention_heads": 4,
+        "attention_head_dim": 128,
+        "ffn_dim": 1536,
+        "num_layers": 4,
+    },
+    frames=33,
+    height=128,
+    width=128,
+    seed=1,
+    defaults={"steps": 10, "guidance": 3.0, "shift": 5.0},
+)
+
 PRESETS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(
-        name="tiny",
-        transformer={
-            "patch_size": [1, 2, 2],
-            "num_attention_heads": 2,
-            "attention_head_dim": 12,
-            "in_channels": 16,
-            "out_channels": 16,
-            "text_dim": 32,
-            "freq_dim": 256,
-            "ffn_dim": 32,
-            "num_layers": 2,
-            "cross_attn_norm": True,
-            "qk_norm": "rms_norm_across_heads",
-            "eps": 1e-6,
-            "rope_max_seq_len": 32,
-        },
-        vae={
-            "base_dim": 3,
-            "z_dim": 16,
-            "dim_mult": [1, 1, 1, 1],
-            "num_res_blocks": 1,
-            "temperal_downsample": [False, True, True],
-        },
-        text_encoder={
-            "vocab_size": 259,
-            "d_model": 32,
-            "d_kv": 16,
-            "d_ff": 64,
-            "num_layers": 2,
-            "num_heads": 2,
-            "relative_attention_num_buckets": 8,
-            "relative_attention_max_distance": 32,
-            "feed_forward_proj": "gated-gelu",
-            "dense_act_fn": "gelu_new",
-            "is_gated_act": True,
-            "pad_token_id": 0,
-            "eos_token_id": 1,
-        },
-        frames=9,
-        height=64,
-        width=64,
-        fps=16,
-        weights="seeded",
-        seed=0,
-        defaults={"steps": 4, "guidance": 3.0, "shift": 5.0},
-    ),
+    "tiny": TINY,
+    "tiny-wide": TINY_WIDE,
     "wan2.1-t2v-1.3b": ModelSpec(
         name="wan2.1-t2v-1.3b",
         transformer=_wan_dit(heads=12, ffn_dim=8960, layers=30),

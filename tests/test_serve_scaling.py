@@ -1,23 +1,19 @@
 """The Serve app under load and failure: autoscaling 1 -> 2 -> 1, a killed replica, a full queue.
 
-Jobs must last seconds here, so the app serves a model directory with a wider DiT (4 layers,
-dim 512) over the tiny codec and text encoder: real code paths, slower forwards, no test hooks.
+Jobs must last seconds here, so the app serves the `tiny-wide` preset (a 4-layer, dim-512 DiT over
+the tiny codec and text encoder), saved as a model directory: real code paths, no test hooks.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import uuid
 
 import pytest
 import ray
 
 from pusa_ray import storage
-from pusa_ray.config import PRESETS
-from pusa_ray.models.codec import WanCodec
-from pusa_ray.models.loading import Components, build_seeded, save_model_dir
-from pusa_ray.models.text import byte_tokenizer
-from pusa_ray.models.vta import VTAWanTransformer
+from pusa_ray.models.loading import load_components, save_model_dir
 from tests.serve_helpers import Api, deploy, free_port, local_config, replicas, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(900)]
@@ -27,18 +23,10 @@ SLOW_JOB = {"frames": 33, "height": 128, "width": 128, "steps": 12, "guidance": 
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> str:
-    tiny = PRESETS["tiny"]
-    transformer = dict(
-        tiny.transformer, num_attention_heads=4, attention_head_dim=128, ffn_dim=1536, num_layers=4
+    """The tiny-wide preset saved as a model directory: the service loads a directory here."""
+    return save_model_dir(
+        load_components("tiny-wide", device="cpu"), tmp_path_factory.mktemp("models") / "wide"
     )
-    spec = dataclasses.replace(
-        tiny, name="tiny-wide", transformer=transformer, frames=33, height=128, width=128
-    )
-    dit, vae, text_encoder = build_seeded(spec)
-    components = Components(
-        spec, VTAWanTransformer(dit), WanCodec(vae), byte_tokenizer(), text_encoder, "cpu"
-    )
-    return save_model_dir(components, tmp_path_factory.mktemp("models") / "tiny-wide")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +70,7 @@ def test_a_killed_replica_ends_with_a_retried_or_failed_job(api):
     job_id = api.post({"prompt": "survive", **SLOW_JOB, "steps": 30}).json()["id"]
     api.wait(job_id, timeout_s=120, statuses=("in_progress",))
     state = storage.read_bytes(f"{api.bucket}/serve/jobs/{job_id}/state.json")
-    tag = __import__("json").loads(state)["replica"]
+    tag = json.loads(state)["replica"]
     ray.kill(_replica_actor(tag), no_restart=True)
     view = api.wait(job_id, timeout_s=300)
     if view["status"] == "completed":
