@@ -1,8 +1,9 @@
 """Build or load the parts of a model: VTA DiT, latent codec, tokenizer and text encoder.
 
-`--model` is a preset name (the `tiny` preset is built in code from its seed) or a model
-directory in diffusers' Wan layout (`transformer/ vae/ text_encoder/ tokenizer/ scheduler/
-model_index.json`), as published for Wan2.1 and as `save_model_dir` writes.
+`--model` is a preset name (the `tiny` presets are built in code from their seed) or a model
+directory, local or s3:// (committed): diffusers' Wan layout (`transformer/ vae/ text_encoder/
+tokenizer/ scheduler/ model_index.json`, as published and as `save_model_dir` writes) or the
+original Wan2.1 release layout (see `pusa_ray.checkpoints.wan_original`).
 """
 
 from __future__ import annotations
@@ -137,10 +138,17 @@ def load_components(
 def _load_directory(
     path: Path, dtype: torch.dtype, name: str | None = None
 ) -> tuple[ModelSpec, Any, Any, Any, Any]:
+    from pusa_ray.checkpoints.wan_original import is_original_release, load_original_release
+
+    if is_original_release(path):  # Wan2.1's own release layout, converted while streaming
+        transformer, vae, text_encoder, tokenizer = load_original_release(path, dtype=dtype)
+        configs = dict(transformer.config), dict(vae.config), text_encoder.config.to_dict()
+        return _directory_spec(path, *configs, name), transformer, vae, text_encoder, tokenizer
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         if not (path / part).is_dir():
             raise UserInputError(
-                f"model directory {str(path)!r} has no {part}/ folder (diffusers Wan layout)"
+                f"model directory {str(path)!r} has no {part}/ folder (diffusers Wan layout) "
+                "and is not an original Wan2.1 release (config.json with _class_name WanModel)"
             )
     transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
