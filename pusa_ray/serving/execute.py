@@ -10,6 +10,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,38 +19,71 @@ from safetensors.torch import save as save_safetensors
 from pusa_ray import storage, video
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import Components
-from pusa_ray.pipeline import default_settings, generate
-from pusa_ray.sampler import GenerationCancelled
+from pusa_ray.pipeline import Generation, SamplingSettings, default_settings, generate
+from pusa_ray.sampler import GenerationCancelled, ProgressCallback
 from pusa_ray.serving.jobs import JobStore, State
-from pusa_ray.serving.schemas import VideoRequest
+from pusa_ray.serving.schemas import Media, VideoRequest
 from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
 
 logger = logging.getLogger("pusa_ray.serving")
 
 
-INLINE = "<inline>"  # stands for media not yet stored, when only presence matters (validation)
-
-
 def task_inputs(request: VideoRequest) -> TaskInputs:
-    """The request's media as task inputs: URIs (the ingress stores inline data before dispatch)."""
+    """The request's media as task inputs: s3:// URIs by reference, inline data as bytes."""
 
-    def uri(name: str) -> str | None:
-        media = getattr(request, name)
-        return None if media is None else media.uri or INLINE
+    def source(media: Media | None) -> str | bytes | None:
+        if media is None:
+            return None
+        return media.uri if media.uri is not None else media.decoded()
 
     return TaskInputs(
         task=request.task,
-        image=uri("image"),
-        end_image=uri("end_image"),
-        keyframes=tuple(
-            (frame.position, frame.image.uri or INLINE, frame.noise) for frame in request.keyframes
-        ),
-        video=uri("video"),
-        end_video=uri("end_video"),
+        image=source(request.image),
+        end_image=source(request.end_image),
+        keyframes=tuple((frame.position, source(frame.image), frame.noise) for frame in request.keyframes),
+        video=source(request.video),
+        end_video=source(request.end_video),
         cond_frames=request.cond_frames,
         end_frames=request.end_frames,
         noise=tuple(request.noise) if request.noise else None,
     )
+
+
+def request_settings(components: Components, request: VideoRequest) -> SamplingSettings:
+    """The request's sampling settings, the model's defaults filling what it leaves out."""
+    return default_settings(
+        components,
+        frames=request.frames,
+        height=request.height,
+        width=request.width,
+        steps=request.steps,
+        guidance=request.guidance,
+        shift=request.shift,
+        seed=request.seed,
+        negative_prompt=request.negative_prompt,
+    )
+
+
+def run_request(
+    components: Components,
+    request: VideoRequest,
+    settings: SamplingSettings,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Generation:
+    """Load the request's media, build its conditions and sample: the service's and batch job's core."""
+    shape = VideoShape(settings.frames, settings.height, settings.width, components.codec.temporal_factor)
+    conditions = build_conditions(task_inputs(request), shape)
+    return generate(components, request.prompt, conditions, settings, progress, should_cancel)
+
+
+def write_outputs(result: Generation, fps: float, video_uri: str, latents_uri: str) -> None:
+    """The mp4 and the latents (safetensors, tensor `latents`) to storage."""
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / "video.mp4"
+        video.write_mp4(local, video.tensor_to_frames(result.video), fps)
+        storage.upload_file(local, video_uri)
+    storage.write_bytes(latents_uri, save_safetensors({"latents": result.latents.float().contiguous()}))
 
 
 class Reporter:
@@ -104,16 +138,6 @@ def _cancel_check(store: JobStore, job_id: str, every_s: float = 1.0):
     return cancelled
 
 
-def _write_outputs(store: JobStore, job_id: str, result, fps: float) -> dict[str, str]:
-    with tempfile.TemporaryDirectory() as scratch:
-        local = Path(scratch) / "video.mp4"
-        video.write_mp4(local, video.tensor_to_frames(result.video), fps)
-        storage.upload_file(local, store.output_uri(job_id, "video"))
-    latents = save_safetensors({"latents": result.latents.float().contiguous()})
-    storage.write_bytes(store.output_uri(job_id, "latents"), latents)
-    return {variant: store.output_uri(job_id, variant) for variant in ("video", "latents")}
-
-
 def execute_job(
     components: Components, store: JobStore, job_id: str, attempt: int, replica: str, heartbeat_s: float
 ) -> str:
@@ -125,35 +149,15 @@ def execute_job(
         reporter.write()
         try:
             request = VideoRequest.model_validate(store.get_request(job_id))
-            settings = default_settings(
-                components,
-                frames=request.frames,
-                height=request.height,
-                width=request.width,
-                steps=request.steps,
-                guidance=request.guidance,
-                shift=request.shift,
-                seed=request.seed,
-                negative_prompt=request.negative_prompt,
-            )
-            shape = VideoShape(
-                settings.frames, settings.height, settings.width, components.codec.temporal_factor
-            )
-            conditions = build_conditions(task_inputs(request), shape)
+            settings = request_settings(components, request)
             reporter.write(parameters=asdict(settings))
             prepared = time.time()
-            result = generate(
-                components,
-                request.prompt,
-                conditions,
-                settings,
-                progress=reporter.progress,
-                should_cancel=should_cancel,
-            )
+            result = run_request(components, request, settings, reporter.progress, should_cancel)
             sampled = time.time()
             if should_cancel():
                 raise GenerationCancelled("cancelled before its outputs were written")
-            outputs = _write_outputs(store, job_id, result, request.fps or components.spec.fps)
+            outputs = {variant: store.output_uri(job_id, variant) for variant in ("video", "latents")}
+            write_outputs(result, request.fps or components.spec.fps, outputs["video"], outputs["latents"])
         except GenerationCancelled:
             logger.info('{"event": "job_cancelled", "id": "%s"}', job_id)
             return "cancelled"
