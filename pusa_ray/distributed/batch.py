@@ -1,0 +1,167 @@
+"""Batch generation: many prompts/conditions from a JSONL file through Ray Data GPU actors to storage.
+
+Each input line is a request in the HTTP API's schema (`pusa_ray.serving.schemas.VideoRequest`),
+plus an optional `name`; media are s3:// URIs or inline base64. Outputs go to
+`{output}/{name}.mp4` and `{output}/{name}.safetensors` (the latents), with `results.jsonl`
+(one line per input: status, error, seconds) and a manifest written last. A rerun skips the
+names whose video already exists, so an interrupted batch resumes where it stopped.
+
+    ray job submit --working-dir . -- python jobs/generate.py --config CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pusa_ray import storage
+from pusa_ray.errors import UserInputError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class AdapterRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str
+    alpha: float = Field(default=1.4, ge=0.0, le=4.0)
+
+
+class BatchConfig(BaseModel):
+    """The job's YAML; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="JSONL of requests, local or s3://")
+    output: str = Field(description="output prefix, local or s3://")
+    model: str = "tiny"
+    device: str | None = None
+    adapters: list[AdapterRef] = Field(default_factory=list, description="merged into every actor's model")
+    actors: int = Field(default=1, ge=1)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    num_cpus_per_actor: float = Field(default=1.0, gt=0.0)
+
+
+def read_requests(config: BatchConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Valid items `{name, request}` and result rows for the lines that are not valid requests."""
+    from pusa_ray.serving.schemas import VideoRequest
+
+    items, rejected, seen = [], [], set()
+    for number, line in enumerate(storage.read_bytes(config.input).decode().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            name = str(raw.pop("name", f"{number:06d}"))
+            if not _NAME.match(name) or name in seen:
+                raise ValueError(f"name {name!r} is not a unique plain name")
+            VideoRequest.model_validate(raw)
+        except (ValueError, ValidationError) as error:
+            message = str(error).splitlines()[0] if not isinstance(error, ValidationError) else _first(error)
+            rejected.append({"name": f"line-{number}", "status": "failed", "error": message, "seconds": 0.0})
+            continue
+        seen.add(name)
+        items.append({"name": name, "request": json.dumps(raw)})
+    return items, rejected
+
+
+def _first(error: ValidationError) -> str:
+    first = error.errors()[0]
+    return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+
+
+class Generate:
+    """A Ray Data actor: one model (with the batch's adapters merged), one request at a time."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from pusa_ray.models.loading import apply_adapters, load_components
+
+        self.config = BatchConfig.model_validate(config)
+        self.components = load_components(self.config.model, device=self.config.device)
+        apply_adapters(self.components, [(ref.uri, ref.alpha) for ref in self.config.adapters])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from pusa_ray.serving.execute import request_settings, run_request, write_outputs
+        from pusa_ray.serving.schemas import VideoRequest
+
+        rows: dict[str, list] = {"name": [], "status": [], "error": [], "seconds": []}
+        for name, text in zip(batch["name"], batch["request"], strict=True):
+            start = time.time()
+            status, error = "completed", ""
+            try:
+                request = VideoRequest.model_validate_json(text)
+                settings = request_settings(self.components, request)
+                result = run_request(self.components, request, settings)
+                video_uri = storage.join(self.config.output, f"{name}.mp4")
+                latents_uri = storage.join(self.config.output, f"{name}.safetensors")
+                write_outputs(result, request.fps or self.components.spec.fps, video_uri, latents_uri)
+            except (UserInputError, FileNotFoundError, ValueError) as failure:
+                status, error = "failed", str(failure)
+            for key, value in (("name", str(name)), ("status", status), ("error", error)):
+                rows[key].append(value)
+            rows["seconds"].append(round(time.time() - start, 3))
+        return rows
+
+
+def run(config: BatchConfig) -> dict[str, int]:
+    """Generate every item not generated yet; write results and commit the output prefix."""
+    items, results = read_requests(config)
+    todo = [item for item in items if not storage.exists(storage.join(config.output, f"{item['name']}.mp4"))]
+    skipped = len(items) - len(todo)
+    print(f"batch: {len(items)} requests ({skipped} already done, {len(results)} invalid lines)", flush=True)
+    if todo:
+        dataset = ray.data.from_items(todo).map_batches(
+            Generate,
+            fn_constructor_kwargs={"config": config.model_dump(mode="json")},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            num_gpus=config.num_gpus_per_actor or None,
+            num_cpus=config.num_cpus_per_actor,
+        )
+        results += dataset.take_all()
+    results_uri = storage.join(config.output, "results.jsonl")
+    merged = {row["name"]: row for row in _previous_results(results_uri)}  # a rerun keeps earlier rows
+    merged.update({row["name"]: row for row in results})
+    fields = ("name", "status", "error", "seconds")
+    lines = "".join(json.dumps({key: row[key] for key in fields}) + "\n" for row in merged.values())
+    storage.write_bytes(results_uri, lines.encode())
+    storage.commit_dir(
+        config.output, extra={"kind": "pusa_ray.batch_generation", "model": config.model}, hashes=False
+    )
+    summary = {
+        "completed": sum(row["status"] == "completed" for row in results),
+        "failed": sum(row["status"] == "failed" for row in results),
+        "skipped": skipped,
+    }
+    print(f"batch done: {json.dumps(summary)}", flush=True)
+    return summary
+
+
+def _previous_results(uri: str) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jobs/generate.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/generate.*.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        config = BatchConfig.model_validate(yaml.safe_load(storage.read_bytes(args.config)))
+    except (ValidationError, FileNotFoundError, yaml.YAMLError) as error:
+        print(f"generate: bad config {args.config!r}: {error}", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        ray.init()
+    summary = run(config)
+    return 1 if summary["failed"] else 0

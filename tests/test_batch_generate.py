@@ -1,0 +1,75 @@
+"""jobs/generate.py: a JSONL of requests through Ray Data actors into S3, resumable."""
+
+import base64
+import json
+
+import pytest
+import yaml
+
+from pusa_ray import storage, video
+from pusa_ray.distributed.batch import main
+from tests.serve_helpers import png_b64
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(600)]
+
+
+def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_bucket, tmp_path):
+    small = {"frames": 9, "height": 32, "width": 32, "steps": 2}
+    storage.write_bytes(f"{s3_bucket}/inputs/first.png", base64.b64decode(png_b64(3)))
+    lines = [
+        {"name": "red", "prompt": "a red circle", **small},
+        {"name": "i2v-inline", "task": "i2v", "prompt": "x", "image": {"data": png_b64(1)}, **small},
+        {"task": "i2v", "prompt": "from s3", "image": {"uri": f"{s3_bucket}/inputs/first.png"}, **small},
+        {"name": "bad", "prompt": "x", "frames": 8},
+        {
+            "name": "missing",
+            "task": "i2v",
+            "prompt": "x",
+            "image": {"uri": f"{s3_bucket}/inputs/none.png"},
+            **small,
+        },
+        {"prompt": "x", "colour": "red"},
+    ]
+    storage.write_bytes(
+        f"{s3_bucket}/prompts.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode()
+    )
+    config = yaml.safe_load(open("jobs/configs/generate.tiny.yaml"))
+    config.update(input=f"{s3_bucket}/prompts.jsonl", output=f"{s3_bucket}/batch", num_cpus_per_actor=0.5)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    assert main(["--config", str(tmp_path / "config.yaml")]) == 1  # three of six fail
+    results = {
+        row["name"]: row
+        for row in map(json.loads, storage.read_bytes(f"{s3_bucket}/batch/results.jsonl").splitlines())
+    }
+    assert (
+        results["red"]["status"]
+        == results["i2v-inline"]["status"]
+        == results["000003"]["status"]
+        == "completed"
+    )
+    assert results["bad"]["status"] == "failed" and "frames" in results["bad"]["error"]
+    assert results["line-6"]["status"] == "failed" and "colour" in results["line-6"]["error"]
+    assert results["missing"]["status"] == "failed" and "none.png" in results["missing"]["error"]
+    local = tmp_path / "red.mp4"
+    local.write_bytes(storage.read_bytes(f"{s3_bucket}/batch/red.mp4"))
+    assert video.probe_video(local)["frames"] == 9
+    manifest = storage.read_manifest(f"{s3_bucket}/batch")
+    assert {"red.mp4", "red.safetensors", "results.jsonl"} <= {entry.path for entry in manifest.files}
+
+    before = storage.read_bytes(f"{s3_bucket}/batch/red.mp4")
+    assert (
+        main(["--config", str(tmp_path / "config.yaml")]) == 1
+    )  # the failed ones fail again; others skipped
+    assert storage.read_bytes(f"{s3_bucket}/batch/red.mp4") == before
+    rerun = {
+        row["name"]: row
+        for row in map(json.loads, storage.read_bytes(f"{s3_bucket}/batch/results.jsonl").splitlines())
+    }
+    assert rerun["red"] == results["red"]
+
+
+def test_bad_config_fails_before_any_work(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("input: a.jsonl\noutput: out\ncolour: red\n")
+    assert main(["--config", str(tmp_path / "config.yaml")]) == 2
+    assert "colour" in capsys.readouterr().err
