@@ -95,12 +95,12 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from tests.serve_helpers import Api, free_port
+    from tests.serve_helpers import Api, serve_port
 
     direct = direct_seconds(args.jobs)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=False)
     rates = {}
-    port = free_port()  # Serve keeps its first HTTP port for the life of the cluster
+    port = serve_port()
     with tempfile.TemporaryDirectory() as root:
         for replicas in (1, 2):
             deploy_fixed(replicas, root, port)

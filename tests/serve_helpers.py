@@ -9,6 +9,7 @@ written.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import socket
@@ -32,6 +33,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@functools.cache
+def serve_port() -> int:
+    """One HTTP port per process: Serve keeps the port it first started with for the cluster's life."""
+    return free_port()
 
 
 def local_config(port: int, storage_root: str, adapters_prefix: str, inputs_prefix: str, model: str) -> dict:

@@ -17,10 +17,10 @@ from tests.serve_helpers import (
     API_KEY,
     Api,
     deploy,
-    free_port,
     local_config,
     mp4_bytes,
     png_b64,
+    serve_port,
 )
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(900)]
@@ -39,7 +39,7 @@ def bucket(s3_server) -> str:
 def api(ray_cluster, bucket) -> Api:
     from ray import serve
 
-    port = free_port()
+    port = serve_port()
     config = local_config(
         port,
         storage_root=f"{bucket}/serve",

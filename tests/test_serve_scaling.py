@@ -14,7 +14,7 @@ import ray
 
 from pusa_ray import storage
 from pusa_ray.models.loading import load_components, save_model_dir
-from tests.serve_helpers import Api, deploy, free_port, local_config, replicas, wait_for
+from tests.serve_helpers import Api, deploy, local_config, replicas, serve_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(900)]
 
@@ -35,7 +35,7 @@ def api(ray_cluster, s3_server, slow_model) -> Api:
 
     bucket = f"s3://scale-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=bucket[5:])
-    port = free_port()
+    port = serve_port()
     config = local_config(
         port,
         storage_root=f"{bucket}/serve",
