@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_generation_flags(gen)
     add_client_parser(commands, add_generation_flags)
+    for name, (_module, summary) in DELEGATED.items():
+        commands.add_parser(name, help=f"{summary}; see `pusa-ray {name} --help`", add_help=False)
     conv = commands.add_parser(
         "convert",
         help="convert a model to our layout, or a LoRA adapter between formats",
@@ -230,7 +232,20 @@ def run_generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({settings.frames} frames, {settings.width}x{settings.height}, {fps:g} fps)")
 
 
+# Distributed jobs keep their own argument parsers: `pusa-ray preprocess ...` runs them as they are.
+DELEGATED = {
+    "preprocess": ("pusa_ray.distributed.preprocess", "videos + captions -> latent dataset (Ray Data)"),
+    "train": ("pusa_ray.distributed.train", "LoRA / full fine-tuning (Ray Train + DeepSpeed)"),
+    "batch-generate": ("pusa_ray.distributed.batch", "many requests from JSONL through Ray Data actors"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":

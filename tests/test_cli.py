@@ -276,3 +276,11 @@ def test_bad_input_is_one_clear_line(args, message, media, tmp_path, capsys):
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_distributed_jobs_are_reached_through_the_cli(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("colour: red\n")
+    assert main(["preprocess", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert main(["batch-generate", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "colour" in err and "Traceback" not in err
