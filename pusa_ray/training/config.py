@@ -1,0 +1,263 @@
+"""The training job's typed configuration (YAML -> pydantic, unknown keys are errors).
+
+The same model validates the YAML on the driver and, as a plain dict, again on every Ray worker
+(`TrainConfig.model_validate(config.model_dump(mode="json"))` round-trips). Defaults follow the
+Pusa V1 recipe: LoRA rank 512, alpha 512 on every attention projection and both FFN linears,
+AdamW at lr 1e-5, independent per-frame timesteps (`p_async = 1`), batch 1 per worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pusa_ray.checkpoints.lora import PUSA_TARGET_MODULES
+from pusa_ray.errors import UserInputError
+
+__all__ = [
+    "CheckpointSettings",
+    "ExportSettings",
+    "LoraSettings",
+    "ModelSettings",
+    "OptimizerSettings",
+    "RunSettings",
+    "ScalingSettings",
+    "SampleVideoSettings",
+    "TimestepSettings",
+    "TrainConfig",
+    "ValidationSettings",
+    "load_config",
+    "parse_config",
+]
+
+# Run and export names become directory names in storage: plain names only.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_uri(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    if "://" in value and not value.startswith(("s3://", "file://")):
+        raise ValueError(f"{value!r}: expected a local path, file:// or s3:// URI")
+    if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
+        raise ValueError(f"{value!r} names no bucket")
+    return value
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} must be letters, digits, '.', '_' or '-' (at most 128, no '/')")
+    return value
+
+
+class ModelSettings(_Strict):
+    """The base model: a preset name, a model directory (diffusers Wan layout) or an s3:// URI."""
+
+    base: str = "tiny"
+    init: Literal["pretrained", "random"] = Field(
+        default="pretrained",
+        description="random: fresh weights from the run seed, to train a small base from scratch",
+    )
+
+
+class LoraSettings(_Strict):
+    """The adapter: peft LoRA on the diffusers DiT; scale = alpha / rank (the paper: 512 / 512)."""
+
+    rank: int = Field(default=512, ge=1)
+    alpha: float = Field(default=512.0, gt=0)
+    target_modules: tuple[str, ...] = Field(default=tuple(PUSA_TARGET_MODULES), min_length=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class OptimizerSettings(_Strict):
+    """torch AdamW (DeepSpeed's client optimizer) with a linear warm-up, then a constant rate."""
+
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0, description="max global grad norm; null: none")
+    offload: bool = Field(default=False, description="ZeRO-Offload: optimizer state in CPU memory")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
+
+
+class TimestepSettings(_Strict):
+    """Training-time per-frame timesteps (see `pusa_ray.timesteps.sample_training_sigmas`)."""
+
+    p_async: float = Field(default=1.0, ge=0.0, le=1.0, description="1: independent per frame (Pusa)")
+    mode: Literal["uniform", "shifted-grid"] = "uniform"
+    shift: float = Field(default=5.0, gt=0, description="shifted-grid only")
+
+
+class SampleVideoSettings(_Strict):
+    """Fixed-seed sample videos written into each checkpoint (rank 0)."""
+
+    prompts: tuple[str, ...] = Field(min_length=1)
+    frames: int | None = Field(default=None, description="default: the dataset's")
+    height: int | None = None
+    width: int | None = None
+    steps: int = Field(default=10, ge=1)
+    guidance: float = Field(default=3.0, ge=0)
+    shift: float = Field(default=5.0, gt=0)
+    seed: int = 0
+
+
+class ValidationSettings(_Strict):
+    """A fixed probe set (records, noise and per-frame timesteps from `seed`) and its loss."""
+
+    every: int = Field(default=50, ge=1, description="steps between probe losses")
+    probe_samples: int = Field(default=8, ge=1)
+    hold_out: bool = Field(default=True, description="keep the probe records out of training")
+    seed: int = 1234
+    videos: SampleVideoSettings | None = None
+
+
+class ScalingSettings(_Strict):
+    """Ray Train workers: one DeepSpeed rank each."""
+
+    workers: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="0: CPU workers")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+
+
+class CheckpointSettings(_Strict):
+    every: int = Field(default=100, ge=1, description="steps between checkpoints (and at the end)")
+    num_to_keep: int | None = Field(default=3, ge=1, description="null: keep all")
+
+
+class RunSettings(_Strict):
+    """Where the run lives: `{storage_path}/{name}/`. Same name + storage path = resume."""
+
+    name: str
+    storage_path: str
+    max_failures: int = Field(default=3, ge=-1, description="worker-group restarts; -1: unlimited")
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _check_name(value)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _valid_storage(cls, value: str) -> str:
+        return _check_uri(value)
+
+
+class ExportSettings(_Strict):
+    """The final result at a stable URI: `{prefix}/{name}/adapter.safetensors` (LoRA, what
+    `pusa-ray generate --lora` and the Serve app read) or a model directory `{prefix}/{name}/`."""
+
+    prefix: str
+    name: str
+
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        return _check_uri(value)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _check_name(value)
+
+
+class TrainConfig(_Strict):
+    """The training job's YAML. See jobs/configs/train.*.yaml and docs/training.md."""
+
+    latents: str = Field(description="the committed latent dataset (preprocessing output)")
+    model: ModelSettings = ModelSettings()
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    optimizer: OptimizerSettings = OptimizerSettings()
+    steps: int = Field(default=900, ge=1, description="optimizer steps")
+    batch_size: int = Field(default=1, ge=1, description="clips per worker per micro-step")
+    gradient_accumulation: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 on GPUs, fp32 on CPUs (bf16 is used on GPUs only)"
+    )
+    timesteps: TimestepSettings = TimestepSettings()
+    validation: ValidationSettings = ValidationSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    run: RunSettings
+    export: ExportSettings | None = None
+    log_every: int = Field(default=1, ge=1, description="steps between progress lines in the log")
+    report_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="seconds between ray.train.report calls; each carries every step's metrics since "
+        "the last one (Ray Train's controller takes one report per worker every 2 s, so reporting "
+        "each step would stall fast steps)",
+    )
+
+    @field_validator("latents")
+    @classmethod
+    def _valid_latents(cls, value: str) -> str:
+        return _check_uri(value)
+
+    @model_validator(mode="after")
+    def _lora_only_with_lora(self) -> TrainConfig:
+        if self.method == "full" and self.lora != LoraSettings():
+            raise ValueError("lora settings differ from the defaults but method is 'full' (remove them)")
+        return self
+
+    @property
+    def samples_per_step(self) -> int:
+        """Clips per optimizer step over all workers."""
+        return self.scaling.workers * self.batch_size * self.gradient_accumulation
+
+    def plain(self) -> dict[str, Any]:
+        """The config as plain JSON types: what crosses to the Ray workers."""
+        return self.model_dump(mode="json")
+
+
+def _problems(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        problems.append(f"{where}: {message.removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def parse_config(data: Any, source: str = "config") -> TrainConfig:
+    """Validate a config mapping; every problem is listed in one UserInputError."""
+    if not isinstance(data, Mapping):
+        raise UserInputError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return TrainConfig.model_validate(dict(data))
+    except ValidationError as error:
+        raise UserInputError(f"invalid train config {source}: {_problems(error)}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UserInputError(f"cannot read config {str(path)!r}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserInputError(f"config {str(path)!r} is not valid YAML: {error}") from None
+    return parse_config(data, source=str(path))
