@@ -8,8 +8,12 @@ architectures and take their weights from a model directory.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pusa_ray.errors import UserInputError
 
@@ -205,3 +209,15 @@ def get_preset(name: str) -> ModelSpec:
     except KeyError:
         known = ", ".join(sorted(PRESETS))
         raise UserInputError(f"unknown model preset {name!r} (known: {known})") from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """A YAML config file's contents; unreadable files and bad YAML are one-line user errors."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UserInputError(f"cannot read config {str(path)!r}: {error.strerror or error}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserInputError(f"config {str(path)!r} is not valid YAML: {error}") from None

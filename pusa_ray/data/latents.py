@@ -158,24 +158,12 @@ def encode_prompts_unpadded(
     padding to ``max_length``, same attention mask), so ``pad_context`` of each result equals the
     matching row of `encode_prompts` bit for bit. L_i counts the end-of-sequence token.
     """
-    # Imported here: diffusers' pipeline module takes seconds to import, and readers never need it.
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    # Imported here: the text stack takes seconds to import, and readers never need it.
+    from pusa_ray.models.text import encode_hidden
 
     if getattr(tokenizer, "padding_side", "right") != "right":
         raise ValueError(f"expected a right-padding tokenizer, got padding_side={tokenizer.padding_side!r}")
-    cleaned = [prompt_clean(prompt) for prompt in prompts]
-    tokens = tokenizer(
-        cleaned,
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    device = next(text_encoder.parameters()).device
-    mask = tokens.attention_mask.to(device)  # [B, L]
-    hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state  # [B, L, D]
+    hidden, mask = encode_hidden(tokenizer, text_encoder, list(prompts), max_length)  # [B, L, D], [B, L]
     lengths = mask.sum(dim=1).tolist()
     return [hidden[index, :length] for index, length in enumerate(lengths)]  # each [L_i, D]
 

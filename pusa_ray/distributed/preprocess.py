@@ -58,12 +58,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pusa_ray import storage, video
 from pusa_ray.conditioning import latents_for_frames
-from pusa_ray.config import PRESETS, TEXT_LENGTH, ModelSpec, get_preset
+from pusa_ray.config import PRESETS, TEXT_LENGTH, ModelSpec, get_preset, read_yaml
 from pusa_ray.data.latents import (
     DATASET_KIND,
     ERRORS_NAME,
@@ -260,15 +259,7 @@ def parse_config(data: Any, source: str = "config") -> PreprocessConfig:
 
 def load_config(path: str | os.PathLike[str]) -> PreprocessConfig:
     """Read and validate a YAML config file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise UserInputError(f"cannot read config {str(path)!r}: {error.strerror or error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise UserInputError(f"config {str(path)!r} is not valid YAML: {error}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_yaml(path), source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,13 +31,13 @@ def byte_tokenizer(max_length: int = TEXT_LENGTH) -> PreTrainedTokenizerFast:
 
 
 @torch.no_grad()
-def encode_prompts(
+def encode_hidden(
     tokenizer: PreTrainedTokenizerFast,
     text_encoder: torch.nn.Module,
     prompts: list[str],
     max_length: int = TEXT_LENGTH,
-) -> torch.Tensor:
-    """Prompts -> embeddings `[B, max_length, D]`, padded to `max_length` with zeros past each mask."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's tokenization and encoder pass: hidden states `[B, max_length, D]` and mask `[B, max_length]`."""
     cleaned = [prompt_clean(prompt) for prompt in prompts]
     tokens = tokenizer(
         cleaned,
@@ -51,4 +51,15 @@ def encode_prompts(
     device = next(text_encoder.parameters()).device
     mask = tokens.attention_mask.to(device)  # [B, L]
     hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state  # [B, L, D]
+    return hidden, mask
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerFast,
+    text_encoder: torch.nn.Module,
+    prompts: list[str],
+    max_length: int = TEXT_LENGTH,
+) -> torch.Tensor:
+    """Prompts -> embeddings `[B, max_length, D]`, padded to `max_length` with zeros past each mask."""
+    hidden, mask = encode_hidden(tokenizer, text_encoder, prompts, max_length)
     return hidden * mask[..., None].to(hidden.dtype)

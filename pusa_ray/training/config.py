@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pusa_ray.checkpoints.lora import PUSA_TARGET_MODULES
+from pusa_ray.config import read_yaml
 from pusa_ray.errors import UserInputError
 
 __all__ = [
@@ -252,12 +251,4 @@ def parse_config(data: Any, source: str = "config") -> TrainConfig:
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read and validate a YAML config file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise UserInputError(f"cannot read config {str(path)!r}: {error.strerror or error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise UserInputError(f"config {str(path)!r} is not valid YAML: {error}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_yaml(path), source=str(path))
