@@ -40,7 +40,6 @@ class ServiceSettings(BaseModel):
     )
     janitor_period_s: float = Field(default=30.0, gt=0)
     retention_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="records and outputs expire after")
-    adapter_cache_size: int = Field(default=4, ge=1, description="adapters kept loaded per replica (LRU)")
     retry_after_s: int = Field(default=10, ge=1)
     limits: Limits = Field(default_factory=Limits)
 
