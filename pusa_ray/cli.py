@@ -181,7 +181,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from pusa_ray import video
     from pusa_ray.models.loading import apply_adapters, load_components
-    from pusa_ray.pipeline import default_settings, generate
+    from pusa_ray.pipeline import generate, settings_from
     from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
 
     if args.out.suffix.lower() != ".mp4":
@@ -189,17 +189,7 @@ def run_generate(args: argparse.Namespace) -> None:
     adapters = lora_pairs(args.lora, args.lora_alpha)
     components = load_components(args.model, device=args.device)
     apply_adapters(components, adapters)
-    settings = default_settings(
-        components,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
-        steps=args.steps,
-        guidance=args.guidance,
-        shift=args.shift,
-        seed=args.seed,
-        negative_prompt=args.negative_prompt,
-    )
+    settings = settings_from(components, args)
     shape = VideoShape(settings.frames, settings.height, settings.width, components.codec.temporal_factor)
     inputs = TaskInputs(
         task=args.task,

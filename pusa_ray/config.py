@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from pusa_ray.errors import UserInputError
 
@@ -221,3 +224,47 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise UserInputError(f"config {str(path)!r} is not valid YAML: {error}") from None
+
+
+# Names that become directory names in storage (runs, adapters, batch items): plain names only.
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_plain_name(value: str, what: str = "") -> str:
+    """`value` unchanged if it is a plain name (letters, digits, '.', '_', '-'; at most 128)."""
+    if not PLAIN_NAME.match(value):
+        prefix = f"{what} " if what else ""
+        raise UserInputError(
+            f"{prefix}{value!r} must be letters, digits, '.', '_' or '-' (at most 128, no '/')"
+        )
+    return value
+
+
+def check_storage_uri(value: str) -> str:
+    """A local path, file:// or s3://bucket/... URI (stripped), for config fields."""
+    value = value.strip()
+    if not value:
+        raise UserInputError("must not be empty")
+    if "://" in value and not value.startswith(("s3://", "file://")):
+        raise UserInputError(f"{value!r}: expected a local path, file:// or s3:// URI")
+    if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
+        raise UserInputError(f"{value!r} names no bucket")
+    return value
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def validate_config(model: type[ConfigT], data: Any, source: str, what: str) -> ConfigT:
+    """Validate a config mapping against a pydantic model; every problem listed in one UserInputError."""
+    if not isinstance(data, Mapping):
+        raise UserInputError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+            problems.append(f"{where}: {message.removeprefix('Value error, ')}")
+        raise UserInputError(f"invalid {what} config {source}: " + "; ".join(problems)) from None

@@ -57,6 +57,14 @@ def default_settings(components: Components, **overrides: object) -> SamplingSet
     return SamplingSettings(**values)  # type: ignore[arg-type]
 
 
+SETTING_FIELDS = ("frames", "height", "width", "steps", "guidance", "shift", "seed", "negative_prompt")
+
+
+def settings_from(components: Components, source: object) -> SamplingSettings:
+    """Settings from any object with the generation fields (CLI args, a request); defaults fill gaps."""
+    return default_settings(components, **{name: getattr(source, name) for name in SETTING_FIELDS})
+
+
 def validate_settings(components: Components, settings: SamplingSettings) -> int:
     """Check sizes and numbers against the model; returns the latent frame count."""
     codec = components.codec

@@ -7,24 +7,20 @@ service can list adapters and check their architecture without downloading the w
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from pusa_ray import storage
-from pusa_ray.errors import UserInputError
+from pusa_ray.config import check_plain_name
 
 ADAPTER_FILE = "adapter.safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_name(name: str) -> str:
     """Adapter ids are plain names: letters, digits, '.', '_', '-' (no paths)."""
-    if not _NAME.match(name):
-        raise UserInputError(f"adapter id {name!r} must be letters, digits, '.', '_' or '-' (at most 128)")
-    return name
+    return check_plain_name(name, "adapter id")
 
 
 def adapter_dir(prefix: str, name: str) -> str:

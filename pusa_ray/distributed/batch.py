@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from typing import Any
@@ -24,9 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pusa_ray import storage
+from pusa_ray.config import check_plain_name
 from pusa_ray.errors import UserInputError
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class AdapterRef(BaseModel):
@@ -61,8 +59,9 @@ def read_requests(config: BatchConfig) -> tuple[list[dict[str, Any]], list[dict[
         try:
             raw = json.loads(line)
             name = str(raw.pop("name", f"{number:06d}"))
-            if not _NAME.match(name) or name in seen:
-                raise ValueError(f"name {name!r} is not a unique plain name")
+            check_plain_name(name, "name")
+            if name in seen:
+                raise ValueError(f"name {name!r} is used twice")
             VideoRequest.model_validate(raw)
         except (ValueError, ValidationError) as error:
             message = str(error).splitlines()[0] if not isinstance(error, ValidationError) else _first(error)
@@ -89,7 +88,8 @@ class Generate:
         apply_adapters(self.components, [(ref.uri, ref.alpha) for ref in self.config.adapters])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from pusa_ray.serving.execute import request_settings, run_request, write_outputs
+        from pusa_ray.pipeline import settings_from
+        from pusa_ray.serving.execute import run_request, write_outputs
         from pusa_ray.serving.schemas import VideoRequest
 
         rows: dict[str, list] = {"name": [], "status": [], "error": [], "seconds": []}
@@ -98,7 +98,7 @@ class Generate:
             status, error = "completed", ""
             try:
                 request = VideoRequest.model_validate_json(text)
-                settings = request_settings(self.components, request)
+                settings = settings_from(self.components, request)
                 result = run_request(self.components, request, settings)
                 video_uri = storage.join(self.config.output, f"{name}.mp4")
                 latents_uri = storage.join(self.config.output, f"{name}.safetensors")

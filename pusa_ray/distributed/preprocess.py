@@ -58,11 +58,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pusa_ray import storage, video
 from pusa_ray.conditioning import latents_for_frames
-from pusa_ray.config import PRESETS, TEXT_LENGTH, ModelSpec, get_preset, read_yaml
+from pusa_ray.config import (
+    PRESETS,
+    TEXT_LENGTH,
+    ModelSpec,
+    check_storage_uri,
+    get_preset,
+    read_yaml,
+    validate_config,
+)
 from pusa_ray.data.latents import (
     DATASET_KIND,
     ERRORS_NAME,
@@ -168,7 +176,7 @@ class InputConfig(_Strict):
     @field_validator("uri")
     @classmethod
     def _valid_uri(cls, value: str) -> str:
-        return _check_uri(value)
+        return check_storage_uri(value)
 
 
 class PreprocessConfig(_Strict):
@@ -198,7 +206,7 @@ class PreprocessConfig(_Strict):
     @field_validator("output")
     @classmethod
     def _valid_output(cls, value: str) -> str:
-        return _check_uri(value)
+        return check_storage_uri(value)
 
     @field_validator("frames")
     @classmethod
@@ -231,30 +239,9 @@ class PreprocessConfig(_Strict):
         }
 
 
-def _check_uri(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    if "://" in value and not value.startswith(("s3://", "file://")):
-        raise ValueError(f"{value!r}: expected a local path, file:// or s3:// URI")
-    if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
-        raise ValueError(f"{value!r} names no bucket")
-    return value
-
-
 def parse_config(data: Any, source: str = "config") -> PreprocessConfig:
     """Validate a config mapping; every problem is listed in one UserInputError."""
-    if not isinstance(data, Mapping):
-        raise UserInputError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-    try:
-        return PreprocessConfig.model_validate(dict(data))
-    except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(f"{where}: {message.removeprefix('Value error, ')}")
-        raise UserInputError(f"invalid preprocess config {source}: " + "; ".join(problems)) from None
+    return validate_config(PreprocessConfig, data, source, "preprocess")
 
 
 def load_config(path: str | os.PathLike[str]) -> PreprocessConfig:

@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 from pusa_ray import storage, video
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import Components
-from pusa_ray.pipeline import Generation, SamplingSettings, default_settings, generate
+from pusa_ray.pipeline import Generation, SamplingSettings, generate, settings_from
 from pusa_ray.sampler import GenerationCancelled, ProgressCallback
 from pusa_ray.serving.jobs import JobStore, State
 from pusa_ray.serving.schemas import Media, VideoRequest
@@ -46,21 +46,6 @@ def task_inputs(request: VideoRequest) -> TaskInputs:
         cond_frames=request.cond_frames,
         end_frames=request.end_frames,
         noise=tuple(request.noise) if request.noise else None,
-    )
-
-
-def request_settings(components: Components, request: VideoRequest) -> SamplingSettings:
-    """The request's sampling settings, the model's defaults filling what it leaves out."""
-    return default_settings(
-        components,
-        frames=request.frames,
-        height=request.height,
-        width=request.width,
-        steps=request.steps,
-        guidance=request.guidance,
-        shift=request.shift,
-        seed=request.seed,
-        negative_prompt=request.negative_prompt,
     )
 
 
@@ -149,7 +134,7 @@ def execute_job(
         reporter.write()
         try:
             request = VideoRequest.model_validate(store.get_request(job_id))
-            settings = request_settings(components, request)
+            settings = settings_from(components, request)
             reporter.write(parameters=asdict(settings))
             prepared = time.time()
             result = run_request(components, request, settings, reporter.progress, should_cancel)

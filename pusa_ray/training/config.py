@@ -9,15 +9,12 @@ AdamW at lr 1e-5, independent per-frame timesteps (`p_async = 1`), batch 1 per w
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pusa_ray.checkpoints.lora import PUSA_TARGET_MODULES
-from pusa_ray.config import read_yaml
-from pusa_ray.errors import UserInputError
+from pusa_ray.config import check_plain_name, check_storage_uri, read_yaml, validate_config
 
 __all__ = [
     "CheckpointSettings",
@@ -35,29 +32,9 @@ __all__ = [
     "parse_config",
 ]
 
-# Run and export names become directory names in storage: plain names only.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_uri(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    if "://" in value and not value.startswith(("s3://", "file://")):
-        raise ValueError(f"{value!r}: expected a local path, file:// or s3:// URI")
-    if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
-        raise ValueError(f"{value!r} names no bucket")
-    return value
-
-
-def _check_name(value: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError(f"{value!r} must be letters, digits, '.', '_' or '-' (at most 128, no '/')")
-    return value
 
 
 class ModelSettings(_Strict):
@@ -153,12 +130,12 @@ class RunSettings(_Strict):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
-        return _check_name(value)
+        return check_plain_name(value)
 
     @field_validator("storage_path")
     @classmethod
     def _valid_storage(cls, value: str) -> str:
-        return _check_uri(value)
+        return check_storage_uri(value)
 
 
 class ExportSettings(_Strict):
@@ -171,12 +148,12 @@ class ExportSettings(_Strict):
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, value: str) -> str:
-        return _check_uri(value)
+        return check_storage_uri(value)
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
-        return _check_name(value)
+        return check_plain_name(value)
 
 
 class TrainConfig(_Strict):
@@ -212,7 +189,7 @@ class TrainConfig(_Strict):
     @field_validator("latents")
     @classmethod
     def _valid_latents(cls, value: str) -> str:
-        return _check_uri(value)
+        return check_storage_uri(value)
 
     @model_validator(mode="after")
     def _lora_only_with_lora(self) -> TrainConfig:
@@ -230,23 +207,9 @@ class TrainConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-def _problems(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        problems.append(f"{where}: {message.removeprefix('Value error, ')}")
-    return "; ".join(problems)
-
-
 def parse_config(data: Any, source: str = "config") -> TrainConfig:
     """Validate a config mapping; every problem is listed in one UserInputError."""
-    if not isinstance(data, Mapping):
-        raise UserInputError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-    try:
-        return TrainConfig.model_validate(dict(data))
-    except ValidationError as error:
-        raise UserInputError(f"invalid train config {source}: {_problems(error)}") from None
+    return validate_config(TrainConfig, data, source, "train")
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
