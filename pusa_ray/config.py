@@ -39,17 +39,25 @@ class ModelSpec:
 
     name: str
     transformer: dict[str, Any]  # WanTransformer3DModel config
-    vae: dict[str, Any]  # AutoencoderKLWan config
+    vae: dict[str, Any]  # AutoencoderKLWan config, or a SpaceToDepthCodec config (its `_class_name`)
     text_encoder: dict[str, Any]  # transformers UMT5Config
     frames: int
     height: int
     width: int
     fps: int
-    # "seeded": built in code from `seed` (no files); "directory": weights come from --model DIR.
+    # "seeded": built in code from `seed` (no files); "directory": weights come from --model DIR;
+    # "embedded": a model directory shipped inside the package (`pusa_ray/weights/<embedded>`).
     weights: str = "directory"
     seed: int = 0
     text_length: int = TEXT_LENGTH
     defaults: dict[str, float] = field(default_factory=dict)
+    embedded: str | None = None
+    # LoRA adapters merged on load, (path relative to the embedded directory, alpha).
+    adapters: tuple[tuple[str, float], ...] = ()
+    # A word-level tokenizer over these words (None: the byte-level one of the tiny presets).
+    vocabulary: tuple[str, ...] | None = None
+    # What classifier-free guidance pushes away from when a request names no negative prompt.
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -177,9 +185,64 @@ TINY_WIDE = dataclasses.replace(
     defaults={"steps": 10, "guidance": 3.0, "shift": 5.0},
 )
 
+# pusa-mini: a 4-layer, 128-wide Wan DiT (1.3M parameters) trained on procedural shape videos
+# (`pusa_ray.mini.shapes`) at 32x32, 9 frames, over a fixed 4x4 space-to-depth codec (48 channels,
+# one latent per frame) and a small UMT5 encoder with a word-level tokenizer. The latent mean and
+# std (-0.65, 0.30 in [-1, 1] pixel units) are the domain's per-colour statistics. `pusa-mini-scratch`
+# holds the seeded text encoder and random DiT that training starts from (`make pusa-mini`);
+# `pusa-mini-base` is the T2V base trained with one timestep per clip; `pusa-mini` adds the VTA LoRA.
+_MINI_VOCABULARY = (
+    "a", "and", "on", "background", "red", "green", "blue", "yellow", "circle", "square",
+    "moves", "bounces", "grows", "turns", "right", "left", "down", "up", "plain", "stripes", "checks",
+)  # fmt: skip
+MINI_SCRATCH = ModelSpec(
+    name="pusa-mini-scratch",
+    transformer={
+        **TINY.transformer,
+        "num_attention_heads": 4,
+        "attention_head_dim": 32,
+        "in_channels": 48,
+        "out_channels": 48,
+        "text_dim": 64,
+        "ffn_dim": 512,
+        "num_layers": 4,
+    },
+    vae={
+        "_class_name": "SpaceToDepthCodec",
+        "scale_factor_spatial": 4,
+        "scale_factor_temporal": 1,
+        "z_dim": 48,
+        "latents_mean": [-0.65] * 48,
+        "latents_std": [0.30] * 48,
+    },
+    text_encoder={
+        **TINY.text_encoder,
+        "vocab_size": 32,
+        "d_model": 64,
+        "d_ff": 128,
+        "num_heads": 4,
+        "relative_attention_max_distance": 16,
+    },
+    frames=9,
+    height=32,
+    width=32,
+    fps=8,
+    weights="seeded",
+    seed=0,
+    text_length=16,
+    defaults={"steps": 10, "guidance": 3.0, "shift": 3.0},
+    vocabulary=_MINI_VOCABULARY,
+    negative_prompt="",  # the empty prompt the base is trained on 10% of the time (caption dropout)
+)
+MINI_BASE = dataclasses.replace(MINI_SCRATCH, name="pusa-mini-base", weights="embedded", embedded="pusa-mini")
+MINI = dataclasses.replace(MINI_BASE, name="pusa-mini", adapters=(("vta/adapter.safetensors", 1.0),))
+
 PRESETS: dict[str, ModelSpec] = {
     "tiny": TINY,
     "tiny-wide": TINY_WIDE,
+    "pusa-mini-scratch": MINI_SCRATCH,
+    "pusa-mini-base": MINI_BASE,
+    "pusa-mini": MINI,
     "wan2.1-t2v-1.3b": ModelSpec(
         name="wan2.1-t2v-1.3b",
         transformer=_wan_dit(heads=12, ffn_dim=8960, layers=30),

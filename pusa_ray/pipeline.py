@@ -52,6 +52,7 @@ def default_settings(components: Components, **overrides: object) -> SamplingSet
         "guidance": float(spec.defaults.get("guidance", 3.0)),
         "shift": float(spec.defaults.get("shift", 5.0)),
         "seed": 0,
+        "negative_prompt": spec.negative_prompt,
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
     return SamplingSettings(**values)  # type: ignore[arg-type]

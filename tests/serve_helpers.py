@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import requests
 import yaml
 from PIL import Image
@@ -143,7 +144,6 @@ class Api:
 
 
 def png_b64(seed: int = 0, size: tuple[int, int] = (48, 40)) -> str:
-    import numpy as np
 
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -152,7 +152,6 @@ def png_b64(seed: int = 0, size: tuple[int, int] = (48, 40)) -> str:
 
 
 def mp4_bytes(frames: int, tmp: Path, seed: int = 0) -> bytes:
-    import numpy as np
 
     from pusa_ray import video
 
@@ -162,3 +161,16 @@ def mp4_bytes(frames: int, tmp: Path, seed: int = 0) -> bytes:
     path = tmp / f"clip-{frames}-{seed}.mp4"
     video.write_mp4(path, clip, fps=16)
     return path.read_bytes()
+
+
+def moving_square(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """uint8 [frames, height, width, 3]: a square crossing a flat background, colours from the seed."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 256, 3, dtype=np.uint8)
+    clip = np.empty((frames, height, width, 3), dtype=np.uint8)
+    clip[:] = background
+    size = max(4, min(height, width) // 4)
+    for index in range(frames):
+        top, left = (seed + index) % (height - size), (3 * seed + 2 * index) % (width - size)
+        clip[index, top : top + size, left : left + size] = 255 - background
+    return clip

@@ -28,6 +28,7 @@ from pusa_ray.distributed.preprocess import ClipError, load_config, main, parse_
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import load_components, save_model_dir
 from pusa_ray.models.text import encode_prompts
+from tests.serve_helpers import moving_square
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "preprocess.py"
@@ -40,19 +41,6 @@ TEST_RESOURCES = {
     "writer": {"num_cpus": 0.25},
     "io_threads": 8,
 }
-
-
-def moving_square(frames: int, height: int, width: int, seed: int) -> np.ndarray:
-    """uint8 [frames, height, width, 3]: a square crossing a flat background, colours from the seed."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(0, 256, 3, dtype=np.uint8)
-    clip = np.empty((frames, height, width, 3), dtype=np.uint8)
-    clip[:] = background
-    size = max(4, min(height, width) // 4)
-    for index in range(frames):
-        top, left = (seed + index) % (height - size), (3 * seed + 2 * index) % (width - size)
-        clip[index, top : top + size, left : left + size] = 255 - background
-    return clip
 
 
 def counting_clip(frames: int, height: int, width: int) -> np.ndarray:
@@ -107,8 +95,7 @@ def test_defaults_follow_the_issue() -> None:
     [
         ({"colour": "red"}, r"colour: unknown key"),
         ({"resources": {"vae": {"gpus": 1}}}, r"resources\.vae\.gpus: unknown key"),
-        ({"frames": 80}, r"frames: frames must be 1 \+ 4\*k \(e\.g\. 17\), got 80"),
-        ({"height": 40}, r"height: must be a positive multiple of 16"),
+        ({"frames": 0}, r"frames: must be positive, got 0"),
         ({"max_crop_discard": 1.5}, r"max_crop_discard: Input should be less than or equal to 1"),
         ({"latents_dtype": "int8"}, r"latents_dtype: Input should be 'float32', 'float16' or 'bfloat16'"),
         (
@@ -123,6 +110,23 @@ def test_bad_configs_fail_with_clear_messages(change: dict, message: str) -> Non
         parse_config({"input": "raw", "output": "out", **change})
 
 
+@pytest.mark.parametrize(
+    ("model", "video", "message"),
+    [
+        ("tiny", (80, 64, 64), r"frames: frames must be 1 \+ 4\*k \(e\.g\. 17\), got 80"),
+        ("tiny", (17, 40, 64), r"height: must be a multiple of 16 for tiny \(codec 8x, patch 2\), got 40"),
+        ("pusa-mini-scratch", (9, 32, 36), r"width: must be a multiple of 8 for pusa-mini-scratch"),
+    ],
+)
+def test_the_models_codec_sets_the_frame_and_size_rules(model: str, video: tuple, message: str) -> None:
+    described = preprocess.describe_model(model)
+    with pytest.raises(UserInputError, match=message):
+        described.check_video(*video)
+    described.check_video(17, 64, 64)  # valid for both: 1 + 4k frames, multiples of 16
+    if model.startswith("pusa-mini"):
+        described.check_video(10, 40, 24)  # one latent per frame, 4x4 blocks under 2x2 patches
+
+
 def test_main_rejects_a_bad_config_before_any_ray_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -132,11 +136,14 @@ def test_main_rejects_a_bad_config_before_any_ray_work(
     monkeypatch.setattr(preprocess, "build_pipeline", no_ray)
     monkeypatch.setattr(preprocess, "plan", no_ray)
     config = write_config(
-        tmp_path / "bad.yaml", {"input": "raw", "output": str(tmp_path / "out"), "frames": 80}
+        tmp_path / "bad.yaml", {"input": "raw", "output": str(tmp_path / "out"), "frames": 0}
     )
     assert main(["--config", config]) == 2
     error = capsys.readouterr().err
     assert error.startswith("pusa-ray preprocess: error: invalid preprocess config") and "frames" in error
+    wrong_for_the_codec = {"input": "raw", "output": str(tmp_path / "out"), "model": "tiny", "frames": 80}
+    assert main(["--config", write_config(tmp_path / "bad-frames.yaml", wrong_for_the_codec)]) == 2
+    assert "frames must be 1 + 4*k" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read config" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

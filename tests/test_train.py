@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -42,6 +41,7 @@ from pusa_ray.training.config import TrainConfig, load_config, parse_config
 from pusa_ray.training.data import DataLayout, build_probe_set, load_batch, split_records
 from pusa_ray.training.model import build_training_model, export_adapter, trainable_parameters
 from pusa_ray.training.objective import batch_loss, warmup_factor
+from tests.serve_helpers import moving_square
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "train.py"
@@ -55,19 +55,6 @@ PREBUILD = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareM
 
 # ----------------------------------------------------------------------------------------------
 # Data and configs
-
-
-def moving_square(frames: int, height: int, width: int, seed: int) -> np.ndarray:
-    """uint8 [frames, height, width, 3]: a square crossing a flat background, colours from the seed."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(0, 256, 3, dtype=np.uint8)
-    clip = np.empty((frames, height, width, 3), dtype=np.uint8)
-    clip[:] = background
-    size = max(4, min(height, width) // 4)
-    for index in range(frames):
-        top, left = (seed + index) % (height - size), (3 * seed + 2 * index) % (width - size)
-        clip[index, top : top + size, left : left + size] = 255 - background
-    return clip
 
 
 @pytest.fixture(scope="module")
@@ -658,3 +645,42 @@ def test_a_full_fine_tune_from_a_random_preset_lowers_its_probe_loss(
     assert not torch.equal(
         trained.model.transformer.proj_out.weight, seeded.model.transformer.proj_out.weight
     )  # fresh weights from the run seed, then trained
+
+
+def test_resources_per_worker_reach_ray_and_gpu_configs_fill_whole_training_nodes(tmp_path: Path) -> None:
+    """`scaling.resources_per_worker` asks cluster.yaml's `train_node`: a gpu_train node takes as many
+    one-GPU ranks as it has GPUs (8 ranks: one node, 16: two) and no rank fits a gpu_serve node."""
+    nodes = yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]
+    train_node, serve_node = nodes["gpu_train"]["resources"], nodes["gpu_serve"]["resources"]
+    for name in ("train.wan14b.yaml", "train.wan1.3b.yaml"):
+        scaling = load_config(REPO / "jobs/configs" / name).scaling
+        ranks_per_node = train_node["GPU"] / scaling.gpus_per_worker
+        assert scaling.resources_per_worker["train_node"] * ranks_per_node == train_node["train_node"], name
+        assert "train_node" not in serve_node
+    settings = {"workers": 8, "gpus_per_worker": 1, "resources_per_worker": {"train_node": 0.125}}
+    trainer = dtrain.build_trainer(parse_config(config_dict("x", str(tmp_path), "r", scaling=settings)))
+    assert trainer.scaling_config.resources_per_worker == {"CPU": 1.0, "GPU": 1.0, "train_node": 0.125}
+    for bad, message in [
+        ({"GPU": 1}, "'GPU' is not a custom resource"),
+        ({"train_node": 0}, "'train_node': the amount must be > 0"),
+    ]:
+        with pytest.raises(UserInputError, match=f"scaling.resources_per_worker: {message}"):
+            parse_config(config_dict("x", "runs", "r", scaling={"resources_per_worker": bad}))
+
+
+def test_caption_dropout_swaps_in_the_null_context_per_slot_reproducibly(local_latents: str) -> None:
+    dataset = LatentDataset(local_latents)
+    layout = DataLayout(tuple(range(CLIPS)), seed=0, world_size=1, batch_size=CLIPS, accumulation=1)
+    plain = load_batch(dataset, layout, 0, 0, 0, 1.0, "uniform", 5.0)
+    null = torch.full(plain.context.shape[1:], 7.0)
+    dropped = [load_batch(dataset, layout, step, 0, 0, 1.0, "uniform", 5.0, 0.5, null) for step in range(8)]
+    again = load_batch(dataset, layout, 0, 0, 0, 1.0, "uniform", 5.0, 0.5, null)
+    assert torch.equal(dropped[0].context, again.context)  # decided by the slot's seed, not by chance
+    assert torch.equal(dropped[0].noise, plain.noise) and torch.equal(dropped[0].sigmas, plain.sigmas)
+    rows = torch.cat([batch.context for batch in dropped])  # [8 * CLIPS, L, D]
+    is_null = (rows == 7.0).flatten(1).all(dim=1)
+    assert 0.2 < is_null.float().mean().item() < 0.8  # about half of 32 slots
+    kept = ~is_null[:CLIPS]
+    assert torch.equal(dropped[0].context[kept], plain.context[kept])  # the others keep their captions
+    with pytest.raises(ValueError, match="null context"):
+        load_batch(dataset, layout, 0, 0, 0, 1.0, "uniform", 5.0, 0.5, None)

@@ -135,6 +135,9 @@ class PoolResources(_Strict):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor; > 0 runs the model on CUDA")
     batch_size: int = Field(default=1, ge=1, description="clips per call")
     torch_threads: int | None = Field(default=None, ge=1, description="default: max(1, floor(num_cpus))")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources per actor, e.g. {train_node: 0.001} to pick nodes"
+    )
 
     def threads(self) -> int:
         return self.torch_threads or max(1, math.floor(self.num_cpus))
@@ -145,6 +148,7 @@ class WriterResources(_Strict):
 
     actors: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, gt=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources per actor")
 
 
 class Resources(_Strict):
@@ -185,7 +189,7 @@ class PreprocessConfig(_Strict):
     input: InputConfig
     output: str = Field(description="dataset directory, local or s3://")
     model: str = Field(default="tiny", description="preset name, model directory or s3:// URI")
-    frames: int = Field(default=81, description="pixel frames per clip, 1 + 4k")
+    frames: int = Field(default=81, description="pixel frames per clip, 1 + 4k for Wan's VAE")
     fps: float = Field(default=16.0, gt=0, description="frames are sampled at this rate from `start`")
     height: int = 480
     width: int = 832
@@ -208,17 +212,11 @@ class PreprocessConfig(_Strict):
     def _valid_output(cls, value: str) -> str:
         return check_storage_uri(value)
 
-    @field_validator("frames")
+    @field_validator("frames", "height", "width")
     @classmethod
-    def _one_plus_4k(cls, value: int) -> int:
-        latents_for_frames(value, 4)
-        return value
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_16(cls, value: int) -> int:
-        if value <= 0 or value % 16:
-            raise ValueError(f"must be a positive multiple of 16 (VAE 8x, patch 2), got {value}")
+    def _positive(cls, value: int) -> int:
+        if value <= 0:  # the model's own rules (1 + 4k frames, multiples of 16 for Wan) come later
+            raise ValueError(f"must be positive, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -264,6 +262,20 @@ class ModelDescription:
     text_encoder: dict[str, Any]  # id, dim, layers, vocab size, max_length
     fingerprint: str  # changes when the VAE or the text encoder (or tokenizer) changes
 
+    def check_video(self, frames: int, height: int, width: int) -> None:
+        """The codec's frame rule and the sizes it and the DiT's 2x2 patches divide; else UserInputError."""
+        try:
+            latents_for_frames(frames, self.vae["scale_factor_temporal"])
+        except UserInputError as error:
+            raise UserInputError(f"frames: {error}") from None
+        multiple = 2 * self.vae["scale_factor_spatial"]  # every Wan DiT patches 2x2 latents
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple:
+                raise UserInputError(
+                    f"{name}: must be a multiple of {multiple} for {self.id} "
+                    f"(codec {self.vae['scale_factor_spatial']}x, patch 2), got {value}"
+                )
+
     def latent_shape(self, frames: int, height: int, width: int) -> list[int]:
         """[C, F_lat, h, w] for a clip of frames x height x width pixels."""
         temporal, spatial = self.vae["scale_factor_temporal"], self.vae["scale_factor_spatial"]
@@ -275,9 +287,16 @@ def _digest(value: Any, length: int = 32) -> str:
 
 
 def _vae_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """diffusers' AutoencoderKLWan defaults updated with ``overrides`` (a config.json or preset)."""
+    """diffusers' AutoencoderKLWan defaults updated with ``overrides`` (a config.json or preset).
+
+    A space-to-depth codec's config is complete as it is.
+    """
     from diffusers import AutoencoderKLWan
 
+    from pusa_ray.models.codec import is_space_to_depth
+
+    if is_space_to_depth(dict(overrides)):
+        return dict(overrides)
     parameters = inspect.signature(AutoencoderKLWan.__init__).parameters.values()
     config = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     config.update({key: value for key, value in overrides.items() if not key.startswith("_")})
@@ -332,6 +351,10 @@ def _describe(
 
 def describe_model(model: str) -> ModelDescription:
     """Describe a preset or a model directory (local or s3://) from its config files."""
+    from pusa_ray.models.loading import model_source
+
+    if model in PRESETS and PRESETS[model].weights == "embedded":  # a directory in the package
+        return dataclasses.replace(describe_model(model_source(model)), id=model, source=model)
     if model in PRESETS:
         spec = _seeded_preset(model)
         identity = {"preset": model, "seed": spec.seed, "vae": spec.vae, "text": spec.text_encoder}
@@ -365,12 +388,18 @@ def describe_model(model: str) -> ModelDescription:
             raise UserInputError(f"model directory {model!r} has no {part} (diffusers Wan layout)") from None
 
     transformer, vae, text = (config(f"{p}/config.json") for p in ("transformer", "vae", "text_encoder"))
-    try:
-        saved = json.loads(storage.read_bytes(storage.join(model, "pusa_ray.json")))
-    except FileNotFoundError:
-        saved = {}
+    saved = _saved_spec(model)
     identity = {"files": files, "vae": vae, "text": text}
-    return _describe(saved.get("name") or model, model, transformer, vae, text, identity, TEXT_LENGTH)
+    length = int(saved.get("text_length", TEXT_LENGTH))
+    return _describe(saved.get("name") or model, model, transformer, vae, text, identity, length)
+
+
+def _saved_spec(model: str) -> dict[str, Any]:
+    """A model directory's `pusa_ray.json` (name, sizes, text length), or {} without one."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(model, "pusa_ray.json")))
+    except FileNotFoundError:
+        return {}
 
 
 def _model_root(model: str, parts: Sequence[str]) -> Path:
@@ -407,33 +436,45 @@ def load_codec(model: str, device: torch.device) -> Any:
     """The model's VAE only, in float32 on ``device``, as `load_components` would load it."""
     from diffusers import AutoencoderKLWan
 
-    from pusa_ray.models.codec import WanCodec
-    from pusa_ray.models.loading import build_seeded, cast_parameters
+    from pusa_ray.models.codec import is_space_to_depth, make_codec
+    from pusa_ray.models.loading import build_seeded, cast_parameters, model_source
 
+    model = model_source(model)
     if model in PRESETS:
         _, vae, _ = build_seeded(_seeded_preset(model))
     else:
         root = _model_root(model, ["vae"])
+        config = json.loads((root / "vae" / "config.json").read_text())
+        if is_space_to_depth(config):
+            return make_codec(config)
         vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
-    vae = cast_parameters(vae.to(device), torch.float32).eval().requires_grad_(False)
-    return WanCodec(vae)
+    if isinstance(vae, torch.nn.Module):
+        vae = cast_parameters(vae.to(device), torch.float32).eval().requires_grad_(False)
+    return make_codec(vae)
 
 
 def load_text_encoder(model: str, device: torch.device) -> tuple[Any, torch.nn.Module, int]:
     """(tokenizer, text encoder, max length): as `load_components` loads them, nothing else."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from pusa_ray.models.loading import build_seeded, cast_parameters, default_dtype
-    from pusa_ray.models.text import byte_tokenizer
+    from pusa_ray.models.loading import (
+        build_seeded,
+        cast_parameters,
+        default_dtype,
+        model_source,
+        preset_tokenizer,
+    )
 
+    model = model_source(model)
     if model in PRESETS:
         spec = _seeded_preset(model)
         _, _, encoder = build_seeded(spec)
-        tokenizer, length = byte_tokenizer(spec.text_length), spec.text_length
+        tokenizer, length = preset_tokenizer(spec), spec.text_length
     else:
         root = _model_root(model, ["text_encoder", "tokenizer"])
         encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=default_dtype(device))
-        tokenizer, length = AutoTokenizer.from_pretrained(root / "tokenizer"), TEXT_LENGTH
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        length = int(_saved_spec(model).get("text_length", TEXT_LENGTH))
     encoder = cast_parameters(encoder.to(device), default_dtype(device)).eval().requires_grad_(False)
     return tokenizer, encoder, length
 
@@ -1052,6 +1093,7 @@ def build_pipeline(
             batch_size=pool.batch_size,
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus,
+            resources=pool.resources or None,
             batch_format="pyarrow" if udf is EncodeText else "numpy",
         )
     return dataset.map_batches(
@@ -1060,6 +1102,7 @@ def build_pipeline(
         compute=ray.data.ActorPoolStrategy(size=resources.writer.actors),
         batch_size=config.shard_records,
         num_cpus=resources.writer.num_cpus,
+        resources=resources.writer.resources or None,
         batch_format="pyarrow",
     )
 
@@ -1241,6 +1284,7 @@ def run(config: PreprocessConfig, run_id: str | None = None) -> Summary:
     started = time.perf_counter()
     run_id = run_id or new_run_id()
     model = describe_model(config.model)
+    model.check_video(config.frames, config.height, config.width)
     planned = plan(config, model)
     logger.info(
         "plan: %d clips, %d already present, %d to encode, %d skipped, %d duplicate rows ignored",

@@ -55,6 +55,7 @@ from pusa_ray import storage
 from pusa_ray.config import PRESETS
 from pusa_ray.data.latents import LatentDataset
 from pusa_ray.errors import UserInputError
+from pusa_ray.models.loading import model_source
 from pusa_ray.storage import FileEntry
 from pusa_ray.training.config import TrainConfig, load_config
 from pusa_ray.training.data import (
@@ -135,14 +136,16 @@ class Preflight:
 
 
 def _has_codec(base: str) -> bool:
-    """Whether the base brings a VAE and text encoder (a seeded preset or a model directory)."""
-    return base not in PRESETS or PRESETS[base].weights == "seeded"
+    """Whether the base brings a VAE and text encoder (a seeded or embedded preset, a model directory)."""
+    return base not in PRESETS or PRESETS[base].weights in ("seeded", "embedded")
 
 
 def preflight(config: TrainConfig) -> Preflight:
     """Every check that needs no worker: model, dataset, split, export. Raises UserInputError."""
     base, init = config.model.base, config.model.init
-    if base in PRESETS and PRESETS[base].weights != "seeded" and init == "pretrained":
+    if init == "pretrained":
+        model_source(base)  # an embedded preset: its weights are installed and it is a base
+    if base in PRESETS and PRESETS[base].weights == "directory" and init == "pretrained":
         raise UserInputError(
             f"preset {base!r} has no embedded weights: set model.base to a model directory "
             "(diffusers Wan layout, local or s3://), or model.init to random"
@@ -260,7 +263,7 @@ def build_trainer(config: TrainConfig) -> Any:
     from ray.train.torch import TorchTrainer
 
     scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}  # custom: node placement
     if scaling.gpus_per_worker:
         resources["GPU"] = scaling.gpus_per_worker
     storage_path, filesystem = storage_for_ray(config.run.storage_path)
@@ -406,6 +409,7 @@ class Worker:
     probe: ProbeSet
     run_uri: str
     sampling: Any = None  # rank 0: VAE, tokenizer, text encoder for sample videos, loaded on first use
+    null_context: torch.Tensor | None = None  # the empty prompt's embedding, for caption dropout
 
 
 def _set_up(loop_config: dict[str, Any]) -> Worker:
@@ -453,7 +457,24 @@ def _set_up(loop_config: dict[str, Any]) -> Worker:
             len(train),
             len(probe_indices),
         )
-    return Worker(config, rank, world_size, device, engine, dataset, layout, probe, run_uri(config))
+    worker = Worker(config, rank, world_size, device, engine, dataset, layout, probe, run_uri(config))
+    if config.caption_dropout > 0:
+        worker.null_context = _null_context(config, dataset.info.context_padded_length)
+    return worker
+
+
+def _null_context(config: TrainConfig, length: int) -> torch.Tensor:
+    """The empty prompt's embedding `[length, D]` by the base's text encoder, padded as the dataset's."""
+    from pusa_ray.distributed.preprocess import load_text_encoder
+    from pusa_ray.models.text import encode_prompts
+
+    tokenizer, encoder, max_length = load_text_encoder(config.model.base, torch.device("cpu"))
+    embedded = encode_prompts(tokenizer, encoder.float(), [""], max_length)[0]  # [max_length, D]
+    if max_length != length:
+        raise UserInputError(
+            f"the dataset pads prompts to {length} tokens, the base's encoder to {max_length}"
+        )
+    return embedded.float()
 
 
 def _process_age() -> float:
@@ -488,6 +509,8 @@ def _train_step(worker: Worker, step_index: int) -> float:
             timesteps.p_async,
             timesteps.mode,
             timesteps.shift,
+            config.caption_dropout,
+            worker.null_context,
         ).to(worker.device)
         loss = batch_loss(engine, batch)
         engine.backward(loss)
@@ -881,12 +904,34 @@ def _export_model_dir(config: TrainConfig, checkpoint_uri: str, scratch: Path, s
     components = load_components(config.model.base, device="cpu", dtype=torch.float32)
     transformer = WanTransformer3DModel.from_pretrained(scratch / TRANSFORMER_DIR, torch_dtype=torch.float32)
     components.model = VTAWanTransformer(transformer)
+    components.spec = dataclasses.replace(components.spec, name=config.export.name)
     destination = storage.join(config.export.prefix, config.export.name)
     return save_model_dir(components, destination)
 
 
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local paths made absolute against the driver's directory: Ray Train workers run elsewhere."""
+
+    def local(value: str) -> str:
+        return value if value.startswith("s3://") else _local_or_s3(value)
+
+    base = config.model.base
+    model = config.model
+    if base not in PRESETS and not base.startswith("s3://"):
+        model = model.model_copy(update={"base": local(base)})
+    update: dict[str, Any] = {
+        "latents": local(config.latents),
+        "model": model,
+        "run": config.run.model_copy(update={"storage_path": local(config.run.storage_path)}),
+    }
+    if config.export is not None:
+        update["export"] = config.export.model_copy(update={"prefix": local(config.export.prefix)})
+    return config.model_copy(update=update)
+
+
 def run(config: TrainConfig) -> TrainSummary:
     """Check, train on Ray (attaching to the cluster, `ray.init()`), export, summarise."""
+    config = absolute_paths(config)
     checked = preflight(config)
     logger.info(
         "dataset %s: %d records (%d train, %d probe), latents %s; %d workers x batch %d x accumulation %d",

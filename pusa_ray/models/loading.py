@@ -20,11 +20,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT
 
 from pusa_ray.config import PRESETS, ModelSpec, get_preset
 from pusa_ray.errors import UserInputError
-from pusa_ray.models.codec import WanCodec
-from pusa_ray.models.text import byte_tokenizer
+from pusa_ray.models.codec import SpaceToDepthCodec, WanCodec, is_space_to_depth, make_codec
+from pusa_ray.models.text import byte_tokenizer, word_tokenizer
 from pusa_ray.models.vta import VTAWanTransformer
 
 SPEC_FILE = "pusa_ray.json"  # our defaults (frames, size, fps, preset) beside diffusers' files
+SAVED_FIELDS = ("frames", "height", "width", "fps", "text_length")
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Components:
 
     spec: ModelSpec
     model: VTAWanTransformer
-    codec: WanCodec
+    codec: WanCodec | SpaceToDepthCodec
     tokenizer: PreTrainedTokenizerBase
     text_encoder: torch.nn.Module
     device: torch.device
@@ -52,14 +53,58 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def build_seeded(spec: ModelSpec) -> tuple[WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel]:
-    """Randomly initialised parts from the preset's seed; the global RNG is left untouched."""
+def build_seeded(
+    spec: ModelSpec,
+) -> tuple[WanTransformer3DModel, AutoencoderKLWan | dict[str, Any], UMT5EncoderModel]:
+    """Randomly initialised parts from the preset's seed; the global RNG is left untouched.
+
+    A space-to-depth codec has no weights: its config dict stands in for the VAE (see `make_codec`).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         transformer = WanTransformer3DModel(**spec.transformer)
-        vae = AutoencoderKLWan(**spec.vae)
+        vae = dict(spec.vae) if is_space_to_depth(spec.vae) else AutoencoderKLWan(**spec.vae)
         text_encoder = UMT5EncoderModel(UMT5Config(**spec.text_encoder))
     return transformer, vae, text_encoder
+
+
+def preset_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer a seeded preset is built with: word-level over its vocabulary, else byte-level."""
+    if spec.vocabulary is not None:
+        return word_tokenizer(spec.vocabulary, spec.text_length)
+    return byte_tokenizer(spec.text_length)
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # pusa_ray/weights/
+
+
+def embedded_dir(spec: ModelSpec) -> Path:
+    """The package directory holding an embedded preset's weights; a UserInputError if absent."""
+    path = WEIGHTS_DIR / str(spec.embedded)
+    missing = [str(path / a) for a, _ in spec.adapters if not (path / a).is_file()]
+    if not (path / "transformer").is_dir() or missing:
+        raise UserInputError(
+            f"preset {spec.name!r}: its weights are not in this installation ({path} or "
+            f"{', '.join(missing) or 'its adapters'} missing); `make pusa-mini` trains them"
+        )
+    return path
+
+
+def model_source(model: str) -> str:
+    """Where a model's files are: an embedded preset's package directory, else `model` unchanged.
+
+    For jobs that read a model's parts (codec, text encoder, DiT) as a directory. An embedded
+    preset with adapters is refused: its parts alone are not the model (use its base preset).
+    """
+    spec = PRESETS.get(model)
+    if spec is None or spec.weights != "embedded":
+        return model
+    if spec.adapters:
+        bases = [p.name for p in PRESETS.values() if p.embedded == spec.embedded and not p.adapters]
+        raise UserInputError(
+            f"preset {model!r} merges LoRA adapters on load; use its base ({', '.join(bases)}) here"
+        )
+    return str(embedded_dir(spec))
 
 
 def describe_model(model: str) -> dict[str, Any]:
@@ -110,7 +155,10 @@ def load_components(
     """Load a preset or a model directory onto `device` (DiT and text encoder in `dtype`, VAE in float32)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    if model in PRESETS:
+    if model in PRESETS and PRESETS[model].weights == "embedded":
+        spec = PRESETS[model]
+        _, transformer, vae, text_encoder, tokenizer = _load_directory(embedded_dir(spec), dtype)
+    elif model in PRESETS:
         spec = get_preset(model)
         if spec.weights != "seeded":
             raise UserInputError(
@@ -118,7 +166,7 @@ def load_components(
                 "(diffusers layout) holding its weights"
             )
         transformer, vae, text_encoder = build_seeded(spec)
-        tokenizer = byte_tokenizer(spec.text_length)
+        tokenizer = preset_tokenizer(spec)
     elif model.startswith("s3://"):
         from pusa_ray import storage
 
@@ -131,8 +179,15 @@ def load_components(
         raise UserInputError(f"--model {model!r} is neither a preset ({known}) nor a model directory")
     transformer = cast_parameters(transformer.to(device), dtype).eval().requires_grad_(False)
     text_encoder = cast_parameters(text_encoder.to(device), dtype).eval().requires_grad_(False)
-    vae = cast_parameters(vae.to(device), torch.float32).eval().requires_grad_(False)
-    return Components(spec, VTAWanTransformer(transformer), WanCodec(vae), tokenizer, text_encoder, device)
+    if isinstance(vae, torch.nn.Module):
+        vae = cast_parameters(vae.to(device), torch.float32).eval().requires_grad_(False)
+    components = Components(
+        spec, VTAWanTransformer(transformer), make_codec(vae), tokenizer, text_encoder, device
+    )
+    if spec.adapters:  # an embedded preset's own LoRA, merged: the trained model at its alpha
+        root = embedded_dir(spec)
+        apply_adapters(components, [(str(root / path), alpha) for path, alpha in spec.adapters])
+    return components
 
 
 def _load_directory(
@@ -151,12 +206,15 @@ def _load_directory(
                 "and is not an original Wan2.1 release (config.json with _class_name WanModel)"
             )
     transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+    vae_config = json.loads((path / "vae" / "config.json").read_text())
+    if is_space_to_depth(vae_config):
+        vae = vae_config
+    else:
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
     text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    spec = _directory_spec(
-        path, dict(transformer.config), dict(vae.config), text_encoder.config.to_dict(), name
-    )
+    vae_settings = vae if isinstance(vae, dict) else dict(vae.config)
+    spec = _directory_spec(path, dict(transformer.config), vae_settings, text_encoder.config.to_dict(), name)
     return spec, transformer, vae, text_encoder, tokenizer
 
 
@@ -169,7 +227,7 @@ def _directory_spec(
     if base is None:
         matching = [p for p in PRESETS.values() if p.architecture.items() <= transformer.items()]
         base = matching[0] if matching else PRESETS["wan2.1-t2v-1.3b"]
-    overrides = {key: saved[key] for key in ("frames", "height", "width", "fps") if key in saved}
+    overrides = {key: saved[key] for key in SAVED_FIELDS if key in saved}
     return dataclasses.replace(
         base,
         name=saved.get("name", name or str(path)),
@@ -216,15 +274,35 @@ def save_model_dir(components: Components, path: str | Path) -> str:
         return str(path)
     path = Path(path)
     spec = components.spec
-    pipeline = WanPipeline(
-        tokenizer=components.tokenizer,
-        text_encoder=components.text_encoder,
-        vae=components.codec.vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=spec.defaults.get("shift", 5.0)),
-        transformer=components.model.transformer,
-    )
-    pipeline.save_pretrained(path, safe_serialization=True)
-    saved = {"name": spec.name, "preset": spec.name if spec.name in PRESETS else None}
-    saved.update({key: getattr(spec, key) for key in ("frames", "height", "width", "fps")})
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=spec.defaults.get("shift", 5.0))
+    codec = components.codec
+    if isinstance(codec, WanCodec):
+        pipeline = WanPipeline(
+            tokenizer=components.tokenizer,
+            text_encoder=components.text_encoder,
+            vae=codec.vae,
+            scheduler=scheduler,
+            transformer=components.model.transformer,
+        )
+        pipeline.save_pretrained(path, safe_serialization=True)
+    else:  # the same layout; the weightless codec is its config alone
+        components.model.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+        components.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        components.tokenizer.save_pretrained(path / "tokenizer")
+        scheduler.save_pretrained(path / "scheduler")
+        (path / "vae").mkdir(parents=True, exist_ok=True)
+        (path / "vae" / "config.json").write_text(json.dumps(codec.config, indent=2))
+    saved = {"name": spec.name, "preset": _preset_of(spec)}
+    saved.update({key: getattr(spec, key) for key in SAVED_FIELDS})
     (path / SPEC_FILE).write_text(json.dumps(saved, indent=2))
     return str(path)
+
+
+def _preset_of(spec: ModelSpec) -> str | None:
+    """The preset whose defaults a saved model keeps: its own, or (a trained copy) its architecture's."""
+    if spec.name in PRESETS:
+        return spec.name
+    for preset in PRESETS.values():
+        if preset.transformer == spec.transformer and preset.vae == spec.vae and not preset.adapters:
+            return preset.name
+    return None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from pusa_ray.config import TEXT_LENGTH
@@ -20,6 +22,11 @@ def byte_tokenizer(max_length: int = TEXT_LENGTH) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
+    return _t5_style(tokenizer, max_length)
+
+
+def _t5_style(tokenizer: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
+    """T5's conventions around a tokenizer: `</s>` appended, pad 0, eos 1, unk 2."""
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -28,6 +35,23 @@ def byte_tokenizer(max_length: int = TEXT_LENGTH) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         model_max_length=max_length,
     )
+
+
+def word_tokenizer(words: Sequence[str], max_length: int) -> PreTrainedTokenizerFast:
+    """A T5-style word-level tokenizer, built offline: pad 0, eos 1, unk 2, then `words` in order.
+
+    Text is lower-cased, punctuation dropped, split on whitespace; words outside the list become unk.
+    """
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    return _t5_style(tokenizer, max_length)
 
 
 @torch.no_grad()

@@ -112,6 +112,21 @@ class ScalingSettings(_Strict):
     workers: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0.0, ge=0, description="0: CPU workers")
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker asks for besides CPU/GPU, e.g. {train_node: 0.125}: "
+        "only nodes that advertise them (cluster.yaml's gpu_train) take training ranks",
+    )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r} is not a custom resource: set cpus_per_worker / gpus_per_worker")
+            if amount <= 0:
+                raise ValueError(f"{name!r}: the amount must be > 0, got {amount}")
+        return value
 
 
 class CheckpointSettings(_Strict):
@@ -172,6 +187,14 @@ class TrainConfig(_Strict):
         default="auto", description="auto: bf16 on GPUs, fp32 on CPUs (bf16 is used on GPUs only)"
     )
     timesteps: TimestepSettings = TimestepSettings()
+    caption_dropout: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="probability a clip trains on the empty prompt instead of its caption (what classifier-"
+        "free guidance needs of a base trained from scratch; fine-tunes of a guided base keep 0). Each "
+        "rank then loads the base's text encoder once to embed the empty prompt",
+    )
     validation: ValidationSettings = ValidationSettings()
     scaling: ScalingSettings = ScalingSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()

@@ -138,12 +138,28 @@ def load_batch(
     p_async: float,
     mode: str,
     shift: float,
+    caption_dropout: float = 0.0,
+    null_context: torch.Tensor | None = None,
 ) -> Batch:
-    """The micro-batch `micro` of 0-based step `step` on `rank` (see the module docstring)."""
+    """The micro-batch `micro` of 0-based step `step` on `rank` (see the module docstring).
+
+    With `caption_dropout` > 0, each slot's context is replaced by `null_context` ([L, D], the
+    empty prompt's embedding) with that probability, decided by the slot's own seed.
+    """
     slots = layout.slots(step, micro, rank)
     records = [dataset[layout.record_index(slot)] for slot in slots]
     seeds = [mix_seed("sample", layout.seed, slot) for slot in slots]
-    return collate(records, seeds, p_async, mode, shift)
+    batch = collate(records, seeds, p_async, mode, shift)
+    if caption_dropout > 0:
+        if null_context is None:
+            raise ValueError("caption_dropout needs the null context")
+        for row, slot in enumerate(slots):
+            draw = torch.rand(
+                1, generator=torch.Generator().manual_seed(mix_seed("caption", layout.seed, slot))
+            )
+            if draw.item() < caption_dropout:
+                batch.context[row] = null_context
+    return batch
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pusa_ray import storage
 from pusa_ray.checkpoints.lora import save_adapter
 from pusa_ray.config import PRESETS, get_preset
 from pusa_ray.errors import UserInputError
-from pusa_ray.models.loading import build_seeded, cast_parameters, describe_model
+from pusa_ray.models.loading import build_seeded, cast_parameters, describe_model, model_source
 from pusa_ray.models.vta import VTAWanTransformer
 from pusa_ray.training.config import TrainConfig
 from pusa_ray.training.data import mix_seed
@@ -82,6 +82,8 @@ def _transformer_part(uri: str) -> Path:
 
 def load_base_transformer(base: str, init: str, seed: int, dtype: torch.dtype) -> WanTransformer3DModel:
     """The base DiT on the CPU in `dtype`: pretrained weights, or fresh ones drawn from `seed`."""
+    if init == "pretrained":
+        base = model_source(base)  # an embedded preset's package directory
     if base in PRESETS:
         spec = get_preset(base)
         if init == "random":
