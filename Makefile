@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean pusa-mini
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray and not s3"
+
+# Trains pusa-mini from scratch with our own jobs (hours on 2 CPUs; resumable: rerun to continue)
+# and copies the result into pusa_ray/weights/pusa-mini. Not needed by `make demo` or `make test`.
+pusa-mini: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python jobs/pusa_mini.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check pusa_ray jobs serve tests bench

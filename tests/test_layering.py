@@ -29,6 +29,8 @@ CORE_MODULES = [
     "pusa_ray.tasks",
     "pusa_ray.pipeline",
     "pusa_ray.cli",
+    "pusa_ray.mini.shapes",
+    "pusa_ray.mini.metrics",
 ]
 
 # One fresh interpreter imports the modules in turn and records what each one brought in.

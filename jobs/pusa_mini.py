@@ -1,0 +1,184 @@
+"""Train pusa-mini from scratch with our own jobs, and ship it (`make pusa-mini`).
+
+    python jobs/pusa_mini.py                  # every stage, each skipped once its output exists
+    python jobs/pusa_mini.py --stage base     # one stage (data, preprocess, base, vta, package, evaluate)
+
+Stages, all under out/pusa-mini/ (ignored by git) until `package` copies the final weights into
+pusa_ray/weights/pusa-mini/:
+
+1. data        procedural shape clips (`pusa_ray.mini.shapes`): a training set, a subset of it
+               for the VTA fine-tune, and a held-out set for the evaluation (other seed)
+2. preprocess  the Ray Data preprocessing job on both training sets (jobs/configs/preprocess.pusa-mini.yaml)
+3. base        the Ray Train job: the T2V base from random weights, one timestep per clip
+               (p_async 0; jobs/configs/train.pusa-mini-base.yaml), exported as a model directory
+4. vta         the Ray Train job: the VTA LoRA fine-tune of that base, independent per-frame
+               timesteps (p_async 1; jobs/configs/train.pusa-mini-vta.yaml), exported as an adapter
+5. package     the base model directory and the adapter into the package (`pusa-mini-base`,
+               `pusa-mini` presets)
+6. evaluate    jobs/evaluate.py on the held-out set: base, base with zero-shot VTA, pusa-mini
+
+Everything survives an interrupted session: the data and preprocessing stages write only what
+is missing, and a training stage rerun resumes from the run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import pusa_ray  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(ROOT))
+
+from pusa_ray.mini.shapes import DomainSettings, write_dataset  # noqa: E402
+
+WORK = ROOT / "out" / "pusa-mini"
+CONFIGS = ROOT / "jobs" / "configs"
+PACKAGE = ROOT / "pusa_ray" / "weights" / "pusa-mini"
+STAGES = ("data", "preprocess", "base", "vta", "package", "evaluate")
+
+# The training domain: one shape moving in one of four directions on a plain background.
+DOMAIN = DomainSettings(frames=9, height=32, width=32, motions=("moves",), backgrounds=("plain",))
+TRAIN_CLIPS, VTA_CLIPS, HELDOUT_CLIPS = 4096, 1024, 64
+TRAIN_SEED, HELDOUT_SEED = 0, 10_000
+FPS = 8
+
+
+def log(message: str) -> None:
+    print(f"[pusa-mini {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def stage_data() -> None:
+    data = WORK / "data"
+    if not (data / "manifest.jsonl").is_file():
+        log(f"writing {TRAIN_CLIPS} training clips to {data}")
+        write_dataset(data, DOMAIN, TRAIN_CLIPS, TRAIN_SEED, FPS)
+    lines = (data / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (data / "manifest-vta.jsonl").write_text("".join(lines[:VTA_CLIPS]))  # the fine-tune's subset
+    if not (WORK / "heldout" / "manifest.jsonl").is_file():
+        log(f"writing {HELDOUT_CLIPS} held-out clips")
+        write_dataset(WORK / "heldout", DOMAIN, HELDOUT_CLIPS, HELDOUT_SEED, FPS)
+
+
+def _config_with(path: Path, changes: dict) -> str:
+    """The shipped YAML with `changes` (top-level keys) applied, as a temporary file."""
+    config = yaml.safe_load(path.read_text())
+    config.update(changes)
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, dir=WORK)
+    with handle:
+        yaml.safe_dump(config, handle)
+    return handle.name
+
+
+def _run(job: str, config: str) -> None:
+    if job == "preprocess":
+        from pusa_ray.distributed.preprocess import main
+    else:
+        from pusa_ray.distributed.train import main
+    status = main(["--config", config])
+    if status != 0:
+        raise SystemExit(f"pusa-mini: the {job} job failed (exit status {status})")
+
+
+def stage_preprocess() -> None:
+    shipped = CONFIGS / "preprocess.pusa-mini.yaml"
+    _run("preprocess", str(shipped))
+    subset = {
+        "input": {"uri": "out/pusa-mini/data/manifest-vta.jsonl", "format": "manifest"},
+        "output": "out/pusa-mini/latents-vta",
+    }
+    _run("preprocess", _config_with(shipped, subset))
+
+
+def _exported(prefix: str, name: str) -> Path:
+    return ROOT / prefix / name
+
+
+def _train(config_name: str) -> Path:
+    path = CONFIGS / config_name
+    export = yaml.safe_load(path.read_text())["export"]
+    target = _exported(export["prefix"], export["name"])
+    if (target / "_MANIFEST.json").is_file():
+        log(f"{config_name}: already exported to {target}")
+        return target
+    _run("train", str(path))
+    return target
+
+
+def stage_base() -> None:
+    _train("train.pusa-mini-base.yaml")
+
+
+def stage_vta() -> None:
+    _train("train.pusa-mini-vta.yaml")
+
+
+def stage_package() -> None:
+    """The exported base directory and adapter -> pusa_ray/weights/pusa-mini/ (what git ships)."""
+    base = _train("train.pusa-mini-base.yaml")
+    adapter = _train("train.pusa-mini-vta.yaml") / "adapter.safetensors"
+    staging = PACKAGE.with_name(".pusa-mini.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for part in ("transformer", "text_encoder", "tokenizer", "scheduler", "vae"):
+        shutil.copytree(base / part, staging / part)
+    saved = json.loads((base / "pusa_ray.json").read_text())
+    (staging / "pusa_ray.json").write_text(json.dumps({**saved, "name": "pusa-mini"}, indent=2) + "\n")
+    (staging / "vta").mkdir()
+    shutil.copy2(adapter, staging / "vta" / "adapter.safetensors")
+    shutil.rmtree(PACKAGE, ignore_errors=True)
+    staging.rename(PACKAGE)
+    size = sum(f.stat().st_size for f in PACKAGE.rglob("*") if f.is_file())
+    log(f"packaged {PACKAGE} ({size / 1e6:.1f} MB)")
+
+
+def stage_evaluate() -> None:
+    """The README's table (base vs pusa-mini, every task) and the I2V steps sweep (paper Table 2b)."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from evaluate import main
+
+    heldout = ["--heldout", str(WORK / "heldout"), "--count", str(HELDOUT_CLIPS)]
+    runs = [
+        ["--model", "base=pusa-mini-base", "--model", "pusa-mini=pusa-mini", "--out", str(WORK / "eval")],
+        ["--model", "pusa-mini=pusa-mini", "--tasks", "i2v", "--steps", "2,5,10,20", "--no-reference"]
+        + ["--out", str(WORK / "eval-steps")],
+    ]
+    for arguments in runs:
+        status = main(heldout + arguments)
+        if status != 0:
+            raise SystemExit(f"pusa-mini: the evaluation failed (exit status {status})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stage", choices=STAGES, action="append", help="run only these stages")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)  # the configs' paths are relative to the checkout
+    WORK.mkdir(parents=True, exist_ok=True)
+    stages = args.stage or list(STAGES)
+    if {"preprocess", "base", "vta"} & set(stages):
+        import ray
+
+        if not ray.is_initialized():  # a job's cluster (RAY_ADDRESS), else a fresh local one
+            ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    started = time.perf_counter()
+    for stage in stages:
+        log(f"stage {stage}")
+        globals()[f"stage_{stage}"]()
+    log(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
