@@ -37,14 +37,13 @@ from tests.cluster_helpers import (
     LocalCluster,
     derive,
     fake_cluster_config,
-    moving_square,
     nodes_by_type,
     shipped,
     torch_extensions_dir,
     wait_for_nodes,
     write_yaml,
 )
-from tests.serve_helpers import API_KEY, Api, free_port
+from tests.serve_helpers import API_KEY, Api, free_port, moving_square
 
 pytestmark = [pytest.mark.ray]
 

@@ -39,11 +39,10 @@ from tests.cluster_helpers import (
     LocalCluster,
     derive,
     job_status,
-    moving_square,
     torch_extensions_dir,
     write_yaml,
 )
-from tests.serve_helpers import APP, Api, free_port, local_config, wait_for
+from tests.serve_helpers import APP, Api, free_port, local_config, moving_square, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
