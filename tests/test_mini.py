@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoTokenizer
 
 from pusa_ray.config import PRESETS
@@ -135,3 +136,35 @@ def test_an_embedded_preset_without_its_weights_says_how_to_get_them(
         loading.load_components("pusa-mini", device="cpu")
     with pytest.raises(UserInputError, match=r"use its base \(pusa-mini-base\)"):
         loading.model_source("pusa-mini")
+
+
+@pytest.mark.parametrize("task", ["i2v", "start-end", "extend", "complete"])
+def test_frozen_frames_come_back_exactly_through_the_invertible_codec(task: str, tmp_path: Path) -> None:
+    """With noise 0 a given frame is frozen; the codec is exact, so its pixels come back (float rounding)."""
+    from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
+    from pusa_ray.video import frames_to_tensor, read_image, write_mp4
+
+    components = loading.load_components("pusa-mini-scratch", device="cpu")
+    settings = default_settings(components, steps=2)
+    shape = VideoShape(settings.frames, settings.height, settings.width, components.codec.temporal_factor)
+    truth, frames = next(iter(shapes.clips(shapes.DomainSettings(), 1, 11)))
+    first, last = tmp_path / "first.png", tmp_path / "last.png"
+    Image.fromarray(frames[0]).save(first)
+    Image.fromarray(frames[-1]).save(last)
+    write_mp4(tmp_path / "clip.mp4", frames, 8)
+    inputs = {
+        "i2v": TaskInputs("i2v", image=str(first), noise=(0.0,)),
+        "start-end": TaskInputs("start-end", image=str(first), end_image=str(last), noise=(0.0,)),
+        "extend": TaskInputs("extend", video=str(tmp_path / "clip.mp4"), cond_frames=3, noise=(0.0,)),
+        "complete": TaskInputs(
+            "complete", video=str(tmp_path / "clip.mp4"), cond_frames=2, end_frames=2, noise=(0.0,)
+        ),
+    }[task]
+    conditions = build_conditions(inputs, shape)
+    video = generate(components, truth.caption, conditions, settings).video  # [3, F, H, W]
+    for condition in conditions:
+        for offset, index in enumerate(condition.latent_indices):  # one latent per frame
+            torch.testing.assert_close(video[:, index], condition.pixels[:, offset], atol=1e-5, rtol=0)
+    if task == "i2v":
+        expected = frames_to_tensor(read_image(first)[None])[:, 0]
+        torch.testing.assert_close(video[:, 0], expected, atol=1e-5, rtol=0)
