@@ -18,7 +18,8 @@ pusa_ray/weights/pusa-mini/:
 6. evaluate    jobs/evaluate.py on the held-out set: base, base with zero-shot VTA, pusa-mini
 
 Everything survives an interrupted session: the data and preprocessing stages write only what
-is missing, and a training stage rerun resumes from the run's last checkpoint.
+is missing, and a training stage rerun resumes from the run's last checkpoint (raise `steps` in its
+config to train further; a finished run only exports again).
 """
 
 from __future__ import annotations
@@ -100,19 +101,15 @@ def stage_preprocess() -> None:
     _run("preprocess", _config_with(shipped, subset))
 
 
-def _exported(prefix: str, name: str) -> Path:
-    return ROOT / prefix / name
+def _export(config_name: str) -> Path:
+    """Where a training config exports its result (a model directory or an adapter directory)."""
+    export = yaml.safe_load((CONFIGS / config_name).read_text())["export"]
+    return ROOT / export["prefix"] / export["name"]
 
 
-def _train(config_name: str) -> Path:
-    path = CONFIGS / config_name
-    export = yaml.safe_load(path.read_text())["export"]
-    target = _exported(export["prefix"], export["name"])
-    if (target / "_MANIFEST.json").is_file():
-        log(f"{config_name}: already exported to {target}")
-        return target
-    _run("train", str(path))
-    return target
+def _train(config_name: str) -> None:
+    """Run (or resume, or re-export) a training job: a finished run only exports again."""
+    _run("train", str(CONFIGS / config_name))
 
 
 def stage_base() -> None:
@@ -125,8 +122,11 @@ def stage_vta() -> None:
 
 def stage_package() -> None:
     """The exported base directory and adapter -> pusa_ray/weights/pusa-mini/ (what git ships)."""
-    base = _train("train.pusa-mini-base.yaml")
-    adapter = _train("train.pusa-mini-vta.yaml") / "adapter.safetensors"
+    base = _export("train.pusa-mini-base.yaml")
+    adapter = _export("train.pusa-mini-vta.yaml") / "adapter.safetensors"
+    for done in (base / "transformer" / "config.json", adapter):
+        if not done.is_file():
+            raise SystemExit(f"pusa-mini: {done} is missing: run the base and vta stages first")
     staging = PACKAGE.with_name(".pusa-mini.partial")
     shutil.rmtree(staging, ignore_errors=True)
     for part in ("transformer", "text_encoder", "tokenizer", "scheduler", "vae"):

@@ -108,7 +108,7 @@ def add_generation_flags(parser: argparse.ArgumentParser, service: bool = False)
         parser.add_argument("--adapter-alpha", type=float, help="adapter scale (service default 1.4)")
         return
     parser.add_argument(
-        "--model", default="tiny", help="preset, model directory or s3:// URI (default: tiny)"
+        "--model", default="pusa-mini", help="preset, model directory or s3:// URI (default: pusa-mini)"
     )
     parser.add_argument("--out", required=True, type=Path, help="output mp4")
     parser.add_argument(

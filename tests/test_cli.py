@@ -18,7 +18,7 @@ from pusa_ray.models.loading import load_components
 from pusa_ray.pipeline import default_settings, generate
 from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
 
-SIZE = ["--height", "32", "--width", "48", "--steps", "2"]
+SIZE = ["--model", "tiny", "--height", "32", "--width", "48", "--steps", "2"]  # not the default model
 
 
 @pytest.fixture(scope="module")

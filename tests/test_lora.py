@@ -201,7 +201,7 @@ def test_cli_applies_adapters_and_alpha_zero_is_the_base(tmp_path):
 
     tiny = load_components("tiny", device="cpu")
     torch.save(pusa_state(tiny.model.transformer), tmp_path / "pusa_v1.pt")
-    common = ["generate", "--prompt", "a cat", "--steps", "2", "--quiet", "--frames", "5"]
+    common = ["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "2", "--quiet", "--frames", "5"]
     runs = {"base": [], "zero": ["--lora", str(tmp_path / "pusa_v1.pt"), "--lora-alpha", "0"]}
     runs["default"] = ["--lora", str(tmp_path / "pusa_v1.pt")]
     latents = {}

@@ -121,7 +121,19 @@ def test_same_seed_gives_the_cli_latents(api, tmp_path):
     job_id = api.post(body).json()["id"]
     assert api.wait(job_id)["status"] == "completed"
     served = load_safetensors(api.get(f"/v1/videos/{job_id}/content", params={"variant": "latents"}).content)
-    argv = ["generate", "--prompt", "a blue circle", "--frames", "9", "--height", "32", "--width", "32"]
+    argv = [
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "a blue circle",
+        "--frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]
     argv += ["--steps", "3", "--seed", "7", "--quiet", "--out", str(tmp_path / "a.mp4")]
     assert cli_main([*argv, "--save-latents", str(tmp_path / "a.safetensors")]) == 0
     local = load_safetensors((tmp_path / "a.safetensors").read_bytes())["latents"]
