@@ -51,6 +51,8 @@ def test_adapter_from_s3_in_our_format(s3_bucket, cache, tmp_path):
     assert main(["convert", str(tmp_path / "pusa_v1.pt"), uri, "--base-model", "tiny"]) == 0
     common = [
         "generate",
+        "--model",
+        "tiny",
         "--prompt",
         "a cat",
         "--steps",
