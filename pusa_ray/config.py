@@ -13,10 +13,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from pusa_ray.errors import UserInputError
 
@@ -314,6 +314,10 @@ def check_storage_uri(value: str) -> str:
         raise UserInputError(f"{value!r} names no bucket")
     return value
 
+
+# Config field types that run those checks (pydantic reports their messages under the field's name).
+StorageUri = Annotated[str, AfterValidator(check_storage_uri)]
+PlainName = Annotated[str, AfterValidator(check_plain_name)]
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 

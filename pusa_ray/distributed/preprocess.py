@@ -66,7 +66,7 @@ from pusa_ray.config import (
     PRESETS,
     TEXT_LENGTH,
     ModelSpec,
-    check_storage_uri,
+    StorageUri,
     get_preset,
     read_yaml,
     validate_config,
@@ -169,7 +169,7 @@ class Resources(_Strict):
 class InputConfig(_Strict):
     """Where the clips are: a manifest file or a folder, local or s3://."""
 
-    uri: str
+    uri: StorageUri
     format: Literal["auto", "manifest", "metadata_csv", "sidecar"] = Field(
         default="auto",
         description="auto: *.jsonl/*.json/*.csv is a manifest; a folder with metadata.csv is "
@@ -177,17 +177,12 @@ class InputConfig(_Strict):
     )
     video_extensions: tuple[str, ...] = VIDEO_EXTENSIONS
 
-    @field_validator("uri")
-    @classmethod
-    def _valid_uri(cls, value: str) -> str:
-        return check_storage_uri(value)
-
 
 class PreprocessConfig(_Strict):
     """The job's YAML: inputs, output, model and encoding settings, resources. Unknown keys are errors."""
 
     input: InputConfig
-    output: str = Field(description="dataset directory, local or s3://")
+    output: StorageUri = Field(description="dataset directory, local or s3://")
     model: str = Field(default="tiny", description="preset name, model directory or s3:// URI")
     frames: int = Field(default=81, description="pixel frames per clip, 1 + 4k for Wan's VAE")
     fps: float = Field(default=16.0, gt=0, description="frames are sampled at this rate from `start`")
@@ -206,11 +201,6 @@ class PreprocessConfig(_Strict):
     @classmethod
     def _input_shorthand(cls, value: Any) -> Any:
         return {"uri": value} if isinstance(value, str) else value
-
-    @field_validator("output")
-    @classmethod
-    def _valid_output(cls, value: str) -> str:
-        return check_storage_uri(value)
 
     @field_validator("frames", "height", "width")
     @classmethod

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pusa_ray.checkpoints.lora import PUSA_TARGET_MODULES
-from pusa_ray.config import check_plain_name, check_storage_uri, read_yaml, validate_config
+from pusa_ray.config import PlainName, StorageUri, read_yaml, validate_config
 
 __all__ = [
     "CheckpointSettings",
@@ -137,44 +137,24 @@ class CheckpointSettings(_Strict):
 class RunSettings(_Strict):
     """Where the run lives: `{storage_path}/{name}/`. Same name + storage path = resume."""
 
-    name: str
-    storage_path: str
+    name: PlainName
+    storage_path: StorageUri
     max_failures: int = Field(default=3, ge=-1, description="worker-group restarts; -1: unlimited")
     seed: int = 0
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        return check_plain_name(value)
-
-    @field_validator("storage_path")
-    @classmethod
-    def _valid_storage(cls, value: str) -> str:
-        return check_storage_uri(value)
 
 
 class ExportSettings(_Strict):
     """The final result at a stable URI: `{prefix}/{name}/adapter.safetensors` (LoRA, what
     `pusa-ray generate --lora` and the Serve app read) or a model directory `{prefix}/{name}/`."""
 
-    prefix: str
-    name: str
-
-    @field_validator("prefix")
-    @classmethod
-    def _valid_prefix(cls, value: str) -> str:
-        return check_storage_uri(value)
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        return check_plain_name(value)
+    prefix: StorageUri
+    name: PlainName
 
 
 class TrainConfig(_Strict):
     """The training job's YAML. See jobs/configs/train.*.yaml and docs/training.md."""
 
-    latents: str = Field(description="the committed latent dataset (preprocessing output)")
+    latents: StorageUri = Field(description="the committed latent dataset (preprocessing output)")
     model: ModelSettings = ModelSettings()
     method: Literal["lora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
@@ -208,11 +188,6 @@ class TrainConfig(_Strict):
         "the last one (Ray Train's controller takes one report per worker every 2 s, so reporting "
         "each step would stall fast steps)",
     )
-
-    @field_validator("latents")
-    @classmethod
-    def _valid_latents(cls, value: str) -> str:
-        return check_storage_uri(value)
 
     @model_validator(mode="after")
     def _lora_only_with_lora(self) -> TrainConfig:
