@@ -182,3 +182,19 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty download cache for one test (PUSA_RAY_CACHE)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PUSA_RAY_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A base URI to write under: a local directory, or a fresh S3 bucket."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket")

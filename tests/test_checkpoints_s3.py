@@ -12,13 +12,7 @@ from pusa_ray.pipeline import default_settings, generate
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PUSA_RAY_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def test_model_round_trip_through_s3_gives_identical_outputs(s3_bucket, cache, capsys):
+def test_model_round_trip_through_s3_gives_identical_outputs(s3_bucket, cache_dir, capsys):
     uri = f"{s3_bucket}/models/tiny"
     assert main(["convert", "tiny", uri]) == 0
     listed = {entry.path for entry in storage.read_manifest(uri).files}  # committed, manifest last
@@ -29,10 +23,10 @@ def test_model_round_trip_through_s3_gives_identical_outputs(s3_bucket, cache, c
     assert torch.equal(
         generate(local, "a fox", [], settings).latents, generate(remote, "a fox", [], settings).latents
     )
-    assert any(cache.rglob("diffusion_pytorch_model.safetensors"))  # fetched once into the cache
+    assert any(cache_dir.rglob("diffusion_pytorch_model.safetensors"))  # fetched once into the cache
 
 
-def test_uncommitted_model_directory_is_refused(s3_bucket, cache, tmp_path, capsys):
+def test_uncommitted_model_directory_is_refused(s3_bucket, cache_dir, tmp_path, capsys):
     save_model_dir(load_components("tiny", device="cpu"), tmp_path / "model")
     capsys.readouterr()
     uri = f"{s3_bucket}/models/half-written"
@@ -42,7 +36,7 @@ def test_uncommitted_model_directory_is_refused(s3_bucket, cache, tmp_path, caps
     assert code == 2 and uri in err and len(err.strip().splitlines()) == 1
 
 
-def test_adapter_from_s3_in_our_format(s3_bucket, cache, tmp_path):
+def test_adapter_from_s3_in_our_format(s3_bucket, cache_dir, tmp_path):
     from tests.test_lora import pusa_state
 
     tiny = load_components("tiny", device="cpu")

@@ -44,19 +44,7 @@ def small_transfers_and_short_timeouts() -> Iterator[None]:
     storage.configure(previous)
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("PUSA_RAY_CACHE", str(cache))
-    return cache
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A base URI to write under: a local directory, or a fresh S3 bucket."""
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_bucket")
+pytestmark = pytest.mark.usefixtures("cache_dir")  # a fresh download cache per test
 
 
 def _payload(size: int, seed: int = 0) -> bytes:
