@@ -156,11 +156,10 @@ def load_heldout(directory: Path, count: int, image_dir: Path) -> list[HeldoutCl
 
     if not (directory / "manifest.jsonl").is_file():
         raise UserInputError(f"--heldout {str(directory)!r} has no manifest.jsonl")
-    truths = read_truth(directory / "truth.jsonl")[:count]
-    videos = [json.loads(line)["video"] for line in (directory / "truth.jsonl").read_text().splitlines()]
+    truths = list(read_truth(directory / "truth.jsonl").items())[:count]
     image_dir.mkdir(parents=True, exist_ok=True)
     clips = []
-    for index, (truth, name) in enumerate(zip(truths, videos, strict=False)):
+    for index, (name, truth) in enumerate(truths):
         frames, _fps = video.read_video(directory / name)
         if len(frames) != len(truth.centres):
             raise UserInputError(

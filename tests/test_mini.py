@@ -108,7 +108,7 @@ def test_write_dataset_writes_what_the_preprocessing_job_reads(tmp_path: Path) -
     manifest = shapes.write_dataset(tmp_path, settings, 3, seed=1, fps=8)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     truths = shapes.read_truth(tmp_path / "truth.jsonl")
-    assert [row["caption"] for row in rows] == [truth.caption for truth in truths]
+    assert [(row["video"], row["caption"]) for row in rows] == [(v, t.caption) for v, t in truths.items()]
     frames, fps = read_video(tmp_path / rows[0]["video"])
     assert frames.shape == (5, 32, 24, 3) and fps == pytest.approx(8)
     mtime = (tmp_path / rows[0]["video"]).stat().st_mtime_ns

@@ -236,14 +236,15 @@ def _write_lines(path: Path, rows: Sequence[dict]) -> None:
     partial.replace(path)
 
 
-def read_truth(path: str | Path) -> list[ClipTruth]:
+def read_truth(path: str | Path) -> dict[str, ClipTruth]:
+    """`truth.jsonl` as {video path (relative to the dataset), its ground truth}, in clip order."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [
-        ClipTruth(
+    return {
+        row["video"]: ClipTruth(
             **{
                 **{key: row[key] for key in ClipTruth.__dataclass_fields__},
                 "centres": [tuple(c) for c in row["centres"]],
             }
         )
         for row in rows
-    ]
+    }
