@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -71,14 +70,13 @@ def stage_data() -> None:
         write_dataset(WORK / "heldout", DOMAIN, HELDOUT_CLIPS, HELDOUT_SEED, FPS)
 
 
-def _config_with(path: Path, changes: dict) -> str:
-    """The shipped YAML with `changes` (top-level keys) applied, as a temporary file."""
+def _config_with(path: Path, changes: dict, name: str) -> str:
+    """The shipped YAML with `changes` (top-level keys) applied, written as out/pusa-mini/NAME.yaml."""
     config = yaml.safe_load(path.read_text())
     config.update(changes)
-    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, dir=WORK)
-    with handle:
-        yaml.safe_dump(config, handle)
-    return handle.name
+    derived = WORK / f"{name}.yaml"
+    derived.write_text(yaml.safe_dump(config))
+    return str(derived)
 
 
 def _run(job: str, config: str) -> None:
@@ -98,7 +96,7 @@ def stage_preprocess() -> None:
         "input": {"uri": "out/pusa-mini/data/manifest-vta.jsonl", "format": "manifest"},
         "output": "out/pusa-mini/latents-vta",
     }
-    _run("preprocess", _config_with(shipped, subset))
+    _run("preprocess", _config_with(shipped, subset, "preprocess.pusa-mini-vta"))
 
 
 def _export(config_name: str) -> Path:
