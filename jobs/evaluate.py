@@ -144,6 +144,11 @@ def ensure_heldout(directory: Path, count: int, settings: DomainSettings, seed: 
         settings, seed = _settings_from(record["settings"]), int(record["seed"])
     print(f"writing {count} held-out clips to {directory} (seed {seed})", flush=True)
     write_dataset(directory, settings, count, seed)
+    record_heldout(directory, settings, seed)
+
+
+def record_heldout(directory: Path, settings: DomainSettings, seed: int) -> None:
+    """Say how the set in `directory` was generated: what sizes the motion scores by, and how to extend it."""
     record = {"seed": seed, "settings": dataclasses.asdict(settings)}
     (directory / HELDOUT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
@@ -464,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     domain.add_argument("--heldout-seed", type=int, default=HELDOUT_SEED)
     domain.add_argument("--motions", default=",".join(DomainSettings.motions), help="comma list")
     domain.add_argument("--backgrounds", default=",".join(DomainSettings.backgrounds), help="comma list")
+    domain.add_argument("--travel", type=float, default=DomainSettings.travel, help="fraction of the side")
+    domain.add_argument("--start", choices=("room", "centre"), default=DomainSettings.start)
     return parser
 
 
@@ -478,6 +485,8 @@ def _domain_settings(args: argparse.Namespace, model: str) -> DomainSettings:
         **size,
         motions=parse_list(args.motions, "--motions", MOTIONS),
         backgrounds=parse_list(args.backgrounds, "--backgrounds", BACKGROUNDS),
+        travel=args.travel,
+        start=args.start,
     )
 
 

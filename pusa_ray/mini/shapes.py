@@ -52,16 +52,25 @@ class DomainSettings:
     backgrounds: tuple[str, ...] = ("plain",)
     radius: tuple[float, float] = (4.5, 6.0)  # half the shape's size, pixels
     travel: float = 0.5  # distance covered over the clip, as a fraction of the frame's side
+    # Where a moving shape starts along its direction of motion: "room" anywhere the whole move
+    # fits (so it starts near the side it leaves, and frame 0 gives the direction away); "centre"
+    # where a move either way would fit, so that only the caption tells the direction.
+    start: str = "room"
 
     def __post_init__(self) -> None:
         unknown = set(self.motions) - set(MOTIONS) or set(self.backgrounds) - set(BACKGROUNDS)
         if unknown:
             raise ValueError(f"unknown motions or backgrounds: {sorted(unknown)}")
+        if self.start not in ("room", "centre"):
+            raise ValueError(f"start must be 'room' or 'centre', got {self.start!r}")
         if self.frames < 2 or min(self.height, self.width) < 16 or self.height % 2 or self.width % 2:
             raise ValueError("need >= 2 frames and even sizes >= 16")
-        if "moves" in self.motions and min(self.height, self.width) * (1 - self.travel) < 2 * self.radius[1]:
+        moves = 1 if self.start == "room" else 2  # a centre start leaves room for the move both ways
+        room = min(self.height, self.width) * (1 - moves * self.travel)
+        if "moves" in self.motions and room < 2 * self.radius[1]:
             raise ValueError(
-                f"a {self.height}x{self.width} frame has no room to travel {self.travel:g} of it"
+                f"a {self.height}x{self.width} frame has no room to travel {self.travel:g} of it "
+                f"from a {self.start!r} start"
             )
 
 
@@ -168,7 +177,9 @@ def _path(
     dx, dy = DIRECTIONS[direction or "right"]
     side = width if dx else height
     travel = settings.travel * side
-    if motion == "moves":
+    if motion == "moves" and settings.start == "centre":  # the same start range for every direction
+        along = rng.uniform(radius + travel, side - radius - travel) + travel * times
+    elif motion == "moves":
         along = rng.uniform(radius, side - radius - travel) + travel * times
     else:  # bounces: towards the wall, off it, back; ends where a third of the way back
         wall = side - radius
