@@ -14,7 +14,7 @@ pusa_ray/weights/pusa-mini/:
 4. vta         the Ray Train job: the VTA LoRA fine-tune of that base, independent per-frame
                timesteps (p_async 1; jobs/configs/train.pusa-mini-vta.yaml), exported as an adapter
 5. package     the base model directory and the adapter into the package (`pusa-mini-base`,
-               `pusa-mini` presets)
+               `pusa-mini` presets), and the example images (pusa_ray/mini/examples/)
 6. evaluate    jobs/evaluate.py on the held-out set: base, base with zero-shot VTA, pusa-mini
 
 Everything survives an interrupted session: the data and preprocessing stages write only what
@@ -47,15 +47,26 @@ CONFIGS = ROOT / "jobs" / "configs"
 PACKAGE = ROOT / "pusa_ray" / "weights" / "pusa-mini"
 STAGES = ("data", "preprocess", "base", "vta", "package", "evaluate")
 
-# The training domain: one shape moving in one of four directions on a plain background.
-DOMAIN = DomainSettings(frames=9, height=32, width=32, motions=("moves",), backgrounds=("plain",))
-TRAIN_CLIPS, VTA_CLIPS, HELDOUT_CLIPS = 4096, 1024, 64
+# The training domain: one shape moving 2 px a frame in one of four directions on a plain
+# background, from a start that does not give the direction away (see `DomainSettings.start`).
+DOMAIN = DomainSettings(
+    frames=5, height=32, width=32, motions=("moves",), backgrounds=("plain",), travel=0.25, start="centre"
+)
+TRAIN_CLIPS, VTA_CLIPS, HELDOUT_CLIPS = 2048, 1024, 64
 TRAIN_SEED, HELDOUT_SEED = 0, 10_000
-FPS = 8
+FPS = 4
 
 
 def log(message: str) -> None:
     print(f"[pusa-mini {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _evaluation():
+    """jobs/evaluate.py as a module (a job script beside this one, not part of the package)."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import evaluate
+
+    return evaluate
 
 
 def stage_data() -> None:
@@ -65,9 +76,11 @@ def stage_data() -> None:
         write_dataset(data, DOMAIN, TRAIN_CLIPS, TRAIN_SEED, FPS)
     lines = (data / "manifest.jsonl").read_text().splitlines(keepends=True)
     (data / "manifest-vta.jsonl").write_text("".join(lines[:VTA_CLIPS]))  # the fine-tune's subset
-    if not (WORK / "heldout" / "manifest.jsonl").is_file():
+    heldout = WORK / "heldout"
+    if not (heldout / "manifest.jsonl").is_file():
         log(f"writing {HELDOUT_CLIPS} held-out clips")
-        write_dataset(WORK / "heldout", DOMAIN, HELDOUT_CLIPS, HELDOUT_SEED, FPS)
+        write_dataset(heldout, DOMAIN, HELDOUT_CLIPS, HELDOUT_SEED, FPS)
+    _evaluation().record_heldout(heldout, DOMAIN, HELDOUT_SEED)  # the evaluation scores motion by its travel
 
 
 def _config_with(path: Path, changes: dict, name: str) -> str:
@@ -137,13 +150,38 @@ def stage_package() -> None:
     staging.rename(PACKAGE)
     size = sum(f.stat().st_size for f in PACKAGE.rglob("*") if f.is_file())
     log(f"packaged {PACKAGE} ({size / 1e6:.1f} MB)")
+    write_examples()
+    log(f"wrote the example images to {EXAMPLES}")
+
+
+EXAMPLES = ROOT / "pusa_ray" / "mini" / "examples"
+EXAMPLE_SEED = 20_000  # neither a training nor the held-out evaluation seed
+EXAMPLE_CLIPS = (("red", "circle", "right"), ("blue", "square", "up"), ("green", "square", "down"),
+                 ("yellow", "circle", "left"))  # fmt: skip
+
+
+def write_examples() -> None:
+    """First and last frames of one clip per example caption (`NAME.png`, `NAME-end.png`), for the
+    README's I2V and start-end commands and the tests; from their own seed, so never trained on."""
+    from PIL import Image
+
+    from pusa_ray.mini.shapes import clips
+
+    wanted = {"-".join(key): key for key in EXAMPLE_CLIPS}
+    EXAMPLES.mkdir(parents=True, exist_ok=True)
+    for truth, frames in clips(DOMAIN, 10_000, EXAMPLE_SEED):
+        name = f"{truth.colour}-{truth.shape}-{truth.direction}"
+        if wanted.pop(name, None) is not None:
+            Image.fromarray(frames[0]).save(EXAMPLES / f"{name}.png")
+            Image.fromarray(frames[-1]).save(EXAMPLES / f"{name}-end.png")
+        if not wanted:
+            return
+    raise SystemExit(f"pusa-mini: no example clip for {sorted(wanted)}")
 
 
 def stage_evaluate() -> None:
     """The README's table (base vs pusa-mini, every task) and the I2V steps sweep (paper Table 2b)."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from evaluate import main
-
+    main = _evaluation().main
     heldout = ["--heldout", str(WORK / "heldout"), "--count", str(HELDOUT_CLIPS)]
     runs = [
         ["--model", "base=pusa-mini-base", "--model", "pusa-mini=pusa-mini", "--out", str(WORK / "eval")],

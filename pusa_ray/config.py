@@ -186,8 +186,10 @@ TINY_WIDE = dataclasses.replace(
 )
 
 # pusa-mini: a 4-layer, 128-wide Wan DiT (1.3M parameters) trained on procedural shape videos
-# (`pusa_ray.mini.shapes`) at 32x32, 9 frames, over a fixed 4x4 space-to-depth codec (48 channels,
-# one latent per frame) and a small UMT5 encoder with a word-level tokenizer. The latent mean and
+# (`pusa_ray.mini.shapes`) at 32x32, 5 frames, over a fixed 4x4 space-to-depth codec (48 channels,
+# one latent per frame) and a small UMT5 encoder with a word-level tokenizer. Its patch is one latent
+# cell (1x1: a token is 4x4 pixels, 64 a frame) rather than Wan's 2x2, whose 8-px tokens make the
+# clips' 2 px of motion a frame a quarter of a token. The latent mean and
 # std (-0.65, 0.30 in [-1, 1] pixel units) are the domain's per-colour statistics. `pusa-mini-scratch`
 # holds the seeded text encoder and random DiT that training starts from (`make pusa-mini`);
 # `pusa-mini-base` is the T2V base trained with one timestep per clip; `pusa-mini` adds the VTA LoRA.
@@ -206,6 +208,7 @@ MINI_SCRATCH = ModelSpec(
         "text_dim": 64,
         "ffn_dim": 512,
         "num_layers": 4,
+        "patch_size": (1, 1, 1),
     },
     vae={
         "_class_name": "SpaceToDepthCodec",
@@ -223,10 +226,10 @@ MINI_SCRATCH = ModelSpec(
         "num_heads": 4,
         "relative_attention_max_distance": 16,
     },
-    frames=9,
+    frames=5,
     height=32,
     width=32,
-    fps=8,
+    fps=4,
     weights="seeded",
     seed=0,
     text_length=16,

@@ -94,6 +94,35 @@ def test_moving_clips_move_as_their_caption_says_and_stay_in_frame(direction: st
     assert found >= 8
 
 
+def test_a_centre_start_does_not_give_the_direction_away() -> None:
+    """pusa-mini's domain: every direction starts from the same range, so frame 0 alone cannot tell it."""
+    settings = shapes.DomainSettings(frames=5, travel=0.25, start="centre")
+    travel = settings.travel * settings.width
+    starts: dict[str, list[float]] = {direction: [] for direction in shapes.DIRECTIONS}
+    for truth, _ in shapes.clips(settings, 200, 2):
+        dx, dy = shapes.DIRECTIONS[truth.direction]
+        start, end = np.array(truth.centres[0]), np.array(truth.centres[-1])
+        np.testing.assert_allclose(end - start, np.array([dx, dy]) * travel, atol=1e-9)
+        along = start[0] if dx else start[1]
+        radius = truth.radii[0]
+        assert radius + travel <= along <= settings.width - radius - travel  # room to go either way
+        for x, y in truth.centres:
+            assert radius <= x <= settings.width - radius and radius <= y <= settings.height - radius
+        starts[truth.direction].append(along)
+    # the same start range both ways: opposite directions' mean starts agree within a pixel
+    for one, other in (("right", "left"), ("down", "up")):
+        assert len(starts[one]) >= 30 and len(starts[other]) >= 30
+        assert abs(np.mean(starts[one]) - np.mean(starts[other])) < 1.0
+
+
+def test_a_frame_without_room_for_a_centre_start_is_refused() -> None:
+    shapes.DomainSettings(travel=0.25, start="centre")  # 32 px: 8 px each way around a 12 px shape
+    with pytest.raises(ValueError, match="no room to travel 0.35 of it from a 'centre' start"):
+        shapes.DomainSettings(travel=0.35, start="centre")
+    with pytest.raises(ValueError, match="start must be"):
+        shapes.DomainSettings(start="middle")
+
+
 def test_clips_depend_only_on_seed_and_index() -> None:
     settings = shapes.DomainSettings(motions=shapes.MOTIONS, backgrounds=shapes.BACKGROUNDS)
     few = list(shapes.clips(settings, 3, 5))
@@ -120,11 +149,11 @@ def test_a_saved_pusa_mini_model_loads_back_to_identical_outputs(tmp_path: Path)
     components = loading.load_components("pusa-mini-scratch", device="cpu")
     settings = default_settings(components, steps=2)
     first = generate(components, "a red circle moves right", [], settings)
-    assert first.video.shape == (3, 9, 32, 32)
+    assert first.video.shape == (3, 5, 32, 32)
     loading.save_model_dir(components, tmp_path / "model")
     assert json.loads((tmp_path / "model" / "vae" / "config.json").read_text()) == MINI_CODEC
     again = loading.load_components(str(tmp_path / "model"), device="cpu")
-    assert again.spec.text_length == 16 and again.spec.fps == 8
+    assert again.spec.text_length == 16 and again.spec.fps == 4
     torch.testing.assert_close(generate(again, "a red circle moves right", [], settings).video, first.video)
 
 
