@@ -19,9 +19,11 @@ from pusa_ray.video import read_image, read_video, tensor_to_frames
 
 EXAMPLES = Path(loading.__file__).resolve().parents[1] / "mini" / "examples"
 # I2V must reproduce the example image: the same clip's next frame (the object one 2 px step
-# further) scores 21.2 dB on average against frame 0 and never more than 23.4 dB (64 clips), so
-# 28 dB means the generated frame 0 is much closer to the image than one motion step away.
+# further) scores 20.9 dB on average against frame 0 and never more than 23.4 dB (64 held-out
+# clips), so 28 dB means the generated frame 0 is much closer to the image than one motion step away.
 FIRST_FRAME_PSNR_DB = 28.0
+# ... and must move: the clips travel 8 px (2 px a frame); half of that is no jitter.
+MIN_MOVE_PX = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_i2v_from_a_shipped_image_starts_from_it_and_moves(mini: loading.Compone
     found = metrics.track(video)
     assert found.present.all()
     moved = np.linalg.norm(found.centres[-1] - found.centres[0])
-    assert moved >= metrics.min_travel_px(32, 32)  # 4 px: a static clip fails
+    assert moved >= MIN_MOVE_PX
 
 
 def test_generate_defaults_to_pusa_mini(tmp_path: Path) -> None:
@@ -71,5 +73,5 @@ def test_generate_defaults_to_pusa_mini(tmp_path: Path) -> None:
         == 0
     )
     frames, fps = read_video(out)
-    assert frames.shape == (9, 32, 32, 3) and fps == pytest.approx(8)
+    assert frames.shape == (5, 32, 32, 3) and fps == pytest.approx(4)
     assert metrics.track(frames).present.all() and np.isfinite(frames).all()
