@@ -29,7 +29,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray and not s3"
 
-# Trains pusa-mini from scratch with our own jobs (hours on 2 CPUs; resumable: rerun to continue)
+# Trains pusa-mini from scratch with our own jobs (about 1.5 h on 2 CPUs; resumable: rerun to continue)
 # and copies the result into pusa_ray/weights/pusa-mini. Not needed by `make demo` or `make test`.
 pusa-mini: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python jobs/pusa_mini.py
