@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from pusa_ray.flow import add_noise, velocity_target
-from pusa_ray.mini.shapes import COLOURS, DIRECTIONS, DomainSettings, clips
+from pusa_ray.mini.shapes import COLOURS, DIRECTIONS, STARTS, DomainSettings, clips
 from pusa_ray.models.loading import load_components
 from pusa_ray.models.text import encode_prompts
 from pusa_ray.timesteps import sigma_to_timestep
+from pusa_ray.video import frames_to_tensor
 
 
 def swapped(caption: str, word: str, options: list[str]) -> list[str]:
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--sigmas", default="0.99,0.95,0.9,0.7")
     parser.add_argument("--travel", type=float, default=0.25)
-    parser.add_argument("--start", default="centre", choices=("room", "centre"))
+    parser.add_argument("--start", default="centre", choices=STARTS)
     parser.add_argument("--seed", type=int, default=10_000, help="held-out clip seed")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -60,7 +60,7 @@ def main() -> None:
         frames=spec.frames, height=spec.height, width=spec.width, travel=args.travel, start=args.start
     )
     truths, frames = zip(*clips(domain, args.clips, args.seed), strict=True)
-    pixels = torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B, 3, F, H, W]
+    pixels = torch.stack([frames_to_tensor(clip) for clip in frames])  # [B, 3, F, H, W]
     latents = components.codec.encode(pixels)  # [B, C, F, h, w]
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from pusa_ray.errors import UserInputError
 from pusa_ray.mini import metrics
-from pusa_ray.mini.shapes import ClipTruth, DomainSettings, read_truth, write_dataset
+from pusa_ray.mini.shapes import STARTS, ClipTruth, DomainSettings, read_truth, write_dataset
 
 DEFAULT_MODELS = ("base=pusa-mini-base", "pusa-mini=pusa-mini")
 TASKS = ("t2v", "i2v", "start-end")
@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     domain.add_argument("--motions", default=",".join(DomainSettings.motions), help="comma list")
     domain.add_argument("--backgrounds", default=",".join(DomainSettings.backgrounds), help="comma list")
     domain.add_argument("--travel", type=float, default=DomainSettings.travel, help="fraction of the side")
-    domain.add_argument("--start", choices=("room", "centre"), default=DomainSettings.start)
+    domain.add_argument("--start", choices=STARTS, default=DomainSettings.start)
     return parser
 
 

@@ -167,11 +167,12 @@ def write_examples() -> None:
 
     from pusa_ray.mini.shapes import clips
 
-    wanted = {"-".join(key): key for key in EXAMPLE_CLIPS}
+    wanted = {"-".join(key) for key in EXAMPLE_CLIPS}
     EXAMPLES.mkdir(parents=True, exist_ok=True)
     for truth, frames in clips(DOMAIN, 10_000, EXAMPLE_SEED):
         name = f"{truth.colour}-{truth.shape}-{truth.direction}"
-        if wanted.pop(name, None) is not None:
+        if name in wanted:
+            wanted.remove(name)
             Image.fromarray(frames[0]).save(EXAMPLES / f"{name}.png")
             Image.fromarray(frames[-1]).save(EXAMPLES / f"{name}-end.png")
         if not wanted:

@@ -33,6 +33,7 @@ DIRECTIONS: dict[str, tuple[float, float]] = {  # unit (dx, dy) in image coordin
 }
 MOTIONS = ("moves", "bounces", "grows", "turns")
 BACKGROUNDS = ("plain", "stripes", "checks")
+STARTS = ("room", "centre")  # see DomainSettings.start
 
 # Every word a caption can contain: the word-level tokenizer's vocabulary.
 VOCABULARY = ("a", "and", "on", "background", *COLOURS, *SHAPES, *MOTIONS, *DIRECTIONS, *BACKGROUNDS)
@@ -61,8 +62,8 @@ class DomainSettings:
         unknown = set(self.motions) - set(MOTIONS) or set(self.backgrounds) - set(BACKGROUNDS)
         if unknown:
             raise ValueError(f"unknown motions or backgrounds: {sorted(unknown)}")
-        if self.start not in ("room", "centre"):
-            raise ValueError(f"start must be 'room' or 'centre', got {self.start!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.frames < 2 or min(self.height, self.width) < 16 or self.height % 2 or self.width % 2:
             raise ValueError("need >= 2 frames and even sizes >= 16")
         moves = 1 if self.start == "room" else 2  # a centre start leaves room for the move both ways
