@@ -114,11 +114,10 @@ def bare_loop(config: TrainConfig, steps: int) -> tuple[dict[int, float], float]
     dataset = LatentDataset(config.latents)
     train, _ = split_records(len(dataset), 4, config.validation.hold_out, config.validation.seed)
     layout = DataLayout(tuple(train), config.run.seed, 1, config.batch_size, 1)
-    timesteps = config.timesteps
     times = {}
     for step in range(steps):
         begun = time.perf_counter()
-        batch = load_batch(dataset, layout, step, 0, 0, timesteps.p_async, timesteps.mode, timesteps.shift)
+        batch = load_batch(dataset, layout, step, 0, 0, config.timesteps)
         batch_loss(model, batch).backward()
         torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
         optimizer.step()

@@ -55,6 +55,8 @@ def sample_training_sigmas(
     generator: torch.Generator,
     mode: str = "uniform",
     shift: float = 5.0,
+    p_condition: float = 0.0,
+    condition_shift: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame training sigmas `[B, F]` and loss weights `[B, F]`.
 
@@ -62,19 +64,68 @@ def sample_training_sigmas(
     timesteps); otherwise all its frames share one. `mode="uniform"` draws sigma ~ U[0, 1] with
     unit weights; `mode="shifted-grid"` draws an index uniformly on the shifted training grid
     and weights the loss with its bump (the public training code).
+
+    With probability `p_condition` a sample instead takes the layout of a conditioned generation
+    (`conditioning_layouts`): some frames given (sigma 0), the others sharing one sigma, drawn
+    as the mode draws it and, in uniform mode, shifted by `condition_shift` (1: plain U[0, 1];
+    more: the high-noise end, where only the caption and the given frames tell what comes).
     """
     if not 0.0 <= p_async <= 1.0:
         raise UserInputError(f"p_async must be in [0, 1], got {p_async}")
+    if not 0.0 <= p_condition <= 1.0:
+        raise UserInputError(f"p_condition must be in [0, 1], got {p_condition}")
+    if condition_shift <= 0 or (mode == "shifted-grid" and condition_shift != 1.0):
+        raise UserInputError(
+            f"condition_shift must be > 0, and 1 with the shifted grid (already shifted); "
+            f"got {condition_shift}"
+        )
     asynchronous = torch.rand(batch, generator=generator) < p_async  # [B]
     if mode == "uniform":
         independent = torch.rand(batch, frames, generator=generator)
         shared = torch.rand(batch, 1, generator=generator).expand(batch, frames)
         sigmas = torch.where(asynchronous[:, None], independent, shared)
-        return sigmas, torch.ones_like(sigmas)
-    if mode == "shifted-grid":
+        weights = torch.ones_like(sigmas)
+    elif mode == "shifted-grid":
         grid_sigmas, grid_weights = training_grid(shift)
         independent = torch.randint(0, len(grid_sigmas), (batch, frames), generator=generator)
         shared = torch.randint(0, len(grid_sigmas), (batch, 1), generator=generator).expand(batch, frames)
         index = torch.where(asynchronous[:, None], independent, shared)  # [B, F]
-        return grid_sigmas[index], grid_weights[index]
-    raise UserInputError(f"unknown timestep sampling mode {mode!r} (known: uniform, shifted-grid)")
+        sigmas, weights = grid_sigmas[index], grid_weights[index]
+    else:
+        raise UserInputError(f"unknown timestep sampling mode {mode!r} (known: uniform, shifted-grid)")
+    if p_condition > 0:
+        conditioned = torch.rand(batch, generator=generator) < p_condition  # [B]
+        given = conditioning_layouts(batch, frames, generator)  # [B, F]
+        # A conditioned sample: its shared draw (`shared`, one per row) on the frames not given.
+        if mode == "shifted-grid":
+            shared_sigmas, shared_weights = grid_sigmas[shared], grid_weights[shared]
+        else:
+            shared_sigmas, shared_weights = shift_sigmas(shared, condition_shift), torch.ones_like(shared)
+        layout = torch.where(given, torch.zeros_like(sigmas), shared_sigmas)
+        sigmas = torch.where(conditioned[:, None], layout, sigmas)
+        weights = torch.where(conditioned[:, None], shared_weights, weights)
+    return sigmas, weights
+
+
+FIRST_FRAME_GIVEN = 0.9  # a conditioned layout's one given frame is the first (I2V, extension) ...
+END_FRAME_ADDED = 0.1  # ... and the last frame is given as well 1 time in 10 (start-end, keyframes)
+
+
+def conditioning_layouts(batch: int, frames: int, generator: torch.Generator) -> torch.Tensor:
+    """Which frames a conditioned training sample is given `[B, F]` (bool), as the tasks give them.
+
+    One frame: the first with probability 0.9, else one of the others at random; then the last
+    frame too with probability 0.1, never every frame (a 1-frame clip is given nothing). Mostly one
+    frame, because that is where the caption alone tells what the others become: with two given
+    frames the motion between them is already fixed.
+    """
+    first = torch.rand(batch, generator=generator) < FIRST_FRAME_GIVEN
+    other = torch.randint(1, max(frames, 2), (batch,), generator=generator)
+    end = torch.rand(batch, generator=generator) < END_FRAME_ADDED
+    given = torch.zeros(batch, frames, dtype=torch.bool)
+    if frames < 2:
+        return given
+    given[torch.arange(batch), torch.where(first, 0, other)] = True
+    given[:, -1] |= end
+    given[given.all(dim=1), -1] = False
+    return given

@@ -60,6 +60,36 @@ def test_bad_training_sampling():
         timesteps.sample_training_sigmas(2, 2, 1.5, generator)
     with pytest.raises(UserInputError, match="mode"):
         timesteps.sample_training_sigmas(2, 2, 1.0, generator, mode="cosine")
+    with pytest.raises(UserInputError, match="p_condition"):
+        timesteps.sample_training_sigmas(2, 2, 1.0, generator, p_condition=-0.1)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "shifted-grid"])
+def test_conditioned_samples_give_some_frames_and_share_one_sigma_on_the_rest(mode):
+    generator = torch.Generator().manual_seed(3)
+    sigmas, weights = timesteps.sample_training_sigmas(4000, 5, 1.0, generator, mode, 5.0, p_condition=1.0)
+    given = sigmas == 0
+    assert given.any(dim=1).all() and not given.all(dim=1).any()  # something given, something left
+    for row, mask in zip(sigmas, given, strict=True):
+        assert len(set(row[~mask].tolist())) == 1  # the generated frames share one sigma
+    first_only = given[:, 0] & (given.sum(dim=1) == 1)
+    expected_first = timesteps.FIRST_FRAME_GIVEN * (1 - timesteps.END_FRAME_ADDED)
+    assert abs(first_only.float().mean() - expected_first) < 0.03
+    two = (given.sum(dim=1) == 2) & given[:, -1]  # another frame and the last
+    expected_two = timesteps.END_FRAME_ADDED * (1 - (1 - timesteps.FIRST_FRAME_GIVEN) / 4)
+    assert abs(two.float().mean() - expected_two) < 0.03
+    assert given.sum(dim=1).max() == 2
+    if mode == "shifted-grid":  # the weights are the grid's for the shared sigma
+        grid_sigmas, grid_weights = timesteps.training_grid(5.0)
+        index = torch.searchsorted(-grid_sigmas, -sigmas[:, -1:].clamp(min=grid_sigmas[-1]))
+        free = ~given[:, -1]
+        torch.testing.assert_close(weights[free], grid_weights[index[free]].expand(-1, 5))
+    else:
+        assert torch.all(weights == 1)
+    mixed, _ = timesteps.sample_training_sigmas(4000, 5, 1.0, generator, mode, 5.0, p_condition=0.3)
+    share = (mixed == 0).any(dim=1).float().mean()  # only conditioned rows have given frames
+    assert abs(share - 0.3) < 0.03
+    assert not timesteps.conditioning_layouts(4, 1, generator).any()  # one frame: nothing to give
 
 
 def test_per_frame_noising_and_target():

@@ -37,7 +37,7 @@ from pusa_ray.distributed import train as dtrain
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import apply_adapters, load_components
 from pusa_ray.pipeline import default_settings, generate
-from pusa_ray.training.config import TrainConfig, load_config, parse_config
+from pusa_ray.training.config import TimestepSettings, TrainConfig, load_config, parse_config
 from pusa_ray.training.data import DataLayout, build_probe_set, load_batch, split_records
 from pusa_ray.training.model import build_training_model, export_adapter, trainable_parameters
 from pusa_ray.training.objective import batch_loss, warmup_factor
@@ -229,16 +229,16 @@ def test_batches_and_probe_sets_are_reproducible(local_latents: str) -> None:
     train, probe = split_records(len(dataset), 2, hold_out=True, seed=1)
     assert len(probe) == 2 and sorted(train + probe) == list(range(CLIPS))
     layout = DataLayout(tuple(train), seed=0, world_size=2, batch_size=1, accumulation=1)
-    first = load_batch(dataset, layout, 3, 0, 1, 1.0, "uniform", 5.0)
-    second = load_batch(dataset, layout, 3, 0, 1, 1.0, "uniform", 5.0)
+    first = load_batch(dataset, layout, 3, 0, 1, TimestepSettings(p_async=1.0))
+    second = load_batch(dataset, layout, 3, 0, 1, TimestepSettings(p_async=1.0))
     assert first.latents.shape == (1, 16, 5, 4, 6) and first.sigmas.shape == (1, 5)
     assert torch.equal(first.noise, second.noise) and torch.equal(first.sigmas, second.sigmas)
     assert len(set(first.sigmas[0].tolist())) == 5  # p_async = 1: a timestep per frame
-    synchronous = load_batch(dataset, layout, 3, 0, 1, 0.0, "shifted-grid", 5.0)
+    synchronous = load_batch(dataset, layout, 3, 0, 1, TimestepSettings(p_async=0.0, mode="shifted-grid"))
     assert len(set(synchronous.sigmas[0].tolist())) == 1 and synchronous.weights.min() >= 0
-    probe_set = build_probe_set(dataset, probe, 7, 1.0, "uniform", 5.0)
+    probe_set = build_probe_set(dataset, probe, 7, TimestepSettings())
     assert torch.equal(
-        probe_set.batch.noise, build_probe_set(dataset, probe, 7, 1.0, "uniform", 5.0).batch.noise
+        probe_set.batch.noise, build_probe_set(dataset, probe, 7, TimestepSettings()).batch.noise
     )
     shards = [probe_set.shard(rank, 3) for rank in range(3)]
     assert [len(s) if s else 0 for s in shards] == [1, 1, 0]
@@ -257,7 +257,7 @@ def test_the_lora_model_trains_only_the_adapter_and_the_loss_uses_the_flow_math(
     assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
     assert len(names) == 2 * 2 * len(PUSA_TARGET_MODULES)  # A and B, 2 blocks, 10 targets
     dataset = LatentDataset(local_latents)
-    batch = load_batch(dataset, DataLayout((0, 1), 0, 1, 1, 1), 0, 0, 0, 1.0, "uniform", 5.0)
+    batch = load_batch(dataset, DataLayout((0, 1), 0, 1, 1, 1), 0, 0, 0, TimestepSettings())
     loss = batch_loss(model, batch)
     loss.backward()
     assert all(p.grad is not None for p in trainable_parameters(model))
@@ -268,6 +268,15 @@ def test_the_lora_model_trains_only_the_adapter_and_the_loss_uses_the_flow_math(
         velocity = model(noisy, batch.sigmas * 1000, batch.context)
     expected = (velocity - (batch.noise - batch.latents)).pow(2).mean()
     assert torch.allclose(loss.detach(), expected, rtol=1e-5)
+    # A given frame (sigma 0, a conditioned layout) is left out: the mean is over the others.
+    batch.sigmas[0, 0] = 0.0
+    sigma = batch.sigmas[:, None, :, None, None]
+    noisy = (1 - sigma) * batch.latents + sigma * batch.noise
+    with torch.no_grad():
+        loss = batch_loss(model, batch)
+        per_frame = model(noisy, batch.sigmas * 1000, batch.context) - (batch.noise - batch.latents)
+    per_frame = per_frame.pow(2).mean(dim=(1, 3, 4))  # [B, F]
+    assert torch.allclose(loss, per_frame[batch.sigmas > 0].mean(), rtol=1e-5)
 
 
 def test_the_zero_initialised_adapter_does_not_change_the_sampler(local_latents: str, tmp_path: Path) -> None:
@@ -671,10 +680,10 @@ def test_resources_per_worker_reach_ray_and_gpu_configs_fill_whole_training_node
 def test_caption_dropout_swaps_in_the_null_context_per_slot_reproducibly(local_latents: str) -> None:
     dataset = LatentDataset(local_latents)
     layout = DataLayout(tuple(range(CLIPS)), seed=0, world_size=1, batch_size=CLIPS, accumulation=1)
-    plain = load_batch(dataset, layout, 0, 0, 0, 1.0, "uniform", 5.0)
+    plain = load_batch(dataset, layout, 0, 0, 0, TimestepSettings())
     null = torch.full(plain.context.shape[1:], 7.0)
-    dropped = [load_batch(dataset, layout, step, 0, 0, 1.0, "uniform", 5.0, 0.5, null) for step in range(8)]
-    again = load_batch(dataset, layout, 0, 0, 0, 1.0, "uniform", 5.0, 0.5, null)
+    dropped = [load_batch(dataset, layout, step, 0, 0, TimestepSettings(), 0.5, null) for step in range(8)]
+    again = load_batch(dataset, layout, 0, 0, 0, TimestepSettings(), 0.5, null)
     assert torch.equal(dropped[0].context, again.context)  # decided by the slot's seed, not by chance
     assert torch.equal(dropped[0].noise, plain.noise) and torch.equal(dropped[0].sigmas, plain.sigmas)
     rows = torch.cat([batch.context for batch in dropped])  # [8 * CLIPS, L, D]
@@ -683,4 +692,4 @@ def test_caption_dropout_swaps_in_the_null_context_per_slot_reproducibly(local_l
     kept = ~is_null[:CLIPS]
     assert torch.equal(dropped[0].context[kept], plain.context[kept])  # the others keep their captions
     with pytest.raises(ValueError, match="null context"):
-        load_batch(dataset, layout, 0, 0, 0, 1.0, "uniform", 5.0, 0.5, None)
+        load_batch(dataset, layout, 0, 0, 0, TimestepSettings(), 0.5, None)

@@ -429,10 +429,7 @@ def _set_up(loop_config: dict[str, Any]) -> Worker:
     layout = DataLayout(
         tuple(train), config.run.seed, world_size, config.batch_size, config.gradient_accumulation
     )
-    timesteps = config.timesteps
-    probe = build_probe_set(
-        dataset, probe_indices, config.validation.seed, timesteps.p_async, timesteps.mode, timesteps.shift
-    )
+    probe = build_probe_set(dataset, probe_indices, config.validation.seed, config.timesteps)
     data_ready = time.perf_counter()
     model = build_training_model(config, torch.bfloat16 if bf16 else torch.float32)
     model_ready = time.perf_counter()
@@ -496,7 +493,6 @@ def _backend() -> str:
 def _train_step(worker: Worker, step_index: int) -> float:
     """One optimizer step (all micro-batches) of 0-based step `step_index`; this rank's mean loss."""
     config, engine = worker.config, worker.engine
-    timesteps = config.timesteps
     torch.manual_seed(mix_seed("step", config.run.seed, step_index, worker.rank))  # LoRA dropout, if any
     losses = []
     for micro in range(config.gradient_accumulation):
@@ -506,9 +502,7 @@ def _train_step(worker: Worker, step_index: int) -> float:
             step_index,
             micro,
             worker.rank,
-            timesteps.p_async,
-            timesteps.mode,
-            timesteps.shift,
+            config.timesteps,
             config.caption_dropout,
             worker.null_context,
         ).to(worker.device)

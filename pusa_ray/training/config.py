@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pusa_ray.checkpoints.lora import PUSA_TARGET_MODULES
 from pusa_ray.config import PlainName, StorageUri, read_yaml, validate_config
+from pusa_ray.timesteps import sample_training_sigmas
 
 __all__ = [
     "CheckpointSettings",
@@ -81,6 +83,23 @@ class TimestepSettings(_Strict):
     p_async: float = Field(default=1.0, ge=0.0, le=1.0, description="1: independent per frame (Pusa)")
     mode: Literal["uniform", "shifted-grid"] = "uniform"
     shift: float = Field(default=5.0, gt=0, description="shifted-grid only")
+    p_condition: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of samples laid out as a conditioned generation"
+    )
+    condition_shift: float = Field(default=1.0, gt=0, description="shift of a conditioned layout's sigma")
+
+    def draw(self, batch: int, frames: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [B, F], loss weights [B, F]) as these settings say."""
+        return sample_training_sigmas(
+            batch,
+            frames,
+            self.p_async,
+            generator,
+            self.mode,
+            self.shift,
+            self.p_condition,
+            self.condition_shift,
+        )
 
 
 class SampleVideoSettings(_Strict):

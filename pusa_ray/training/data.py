@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from pusa_ray.data.latents import LatentDataset, LatentRecord
-from pusa_ray.timesteps import sample_training_sigmas
+from pusa_ray.training.config import TimestepSettings
 
 __all__ = [
     "Batch",
@@ -105,21 +105,19 @@ class Batch:
 
 
 def draw_noise_and_sigmas(
-    record: LatentRecord, seed: int, p_async: float, mode: str, shift: float
+    record: LatentRecord, seed: int, timesteps: TimestepSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noise [C, F, h, w], sigmas [F], weights [F]) for one record from one seed, on the CPU."""
     generator = torch.Generator().manual_seed(seed)
     frames = record.latents.shape[1]
-    sigmas, weights = sample_training_sigmas(1, frames, p_async, generator, mode, shift)  # [1, F]
+    sigmas, weights = timesteps.draw(1, frames, generator)  # [1, F]
     noise = torch.randn(record.latents.shape, generator=generator)  # [C, F, h, w]
     return noise, sigmas[0], weights[0]
 
 
-def collate(
-    records: Sequence[LatentRecord], seeds: Sequence[int], p_async: float, mode: str, shift: float
-) -> Batch:
+def collate(records: Sequence[LatentRecord], seeds: Sequence[int], timesteps: TimestepSettings) -> Batch:
     """Stack records and draw each one's noise and timesteps from its own seed."""
-    drawn = [draw_noise_and_sigmas(r, s, p_async, mode, shift) for r, s in zip(records, seeds, strict=True)]
+    drawn = [draw_noise_and_sigmas(r, s, timesteps) for r, s in zip(records, seeds, strict=True)]
     return Batch(
         latents=torch.stack([record.latents for record in records]),  # [B, C, F, h, w]
         context=torch.stack([record.context for record in records]),  # [B, L, D]
@@ -135,9 +133,7 @@ def load_batch(
     step: int,
     micro: int,
     rank: int,
-    p_async: float,
-    mode: str,
-    shift: float,
+    timesteps: TimestepSettings,
     caption_dropout: float = 0.0,
     null_context: torch.Tensor | None = None,
 ) -> Batch:
@@ -149,7 +145,7 @@ def load_batch(
     slots = layout.slots(step, micro, rank)
     records = [dataset[layout.record_index(slot)] for slot in slots]
     seeds = [mix_seed("sample", layout.seed, slot) for slot in slots]
-    batch = collate(records, seeds, p_async, mode, shift)
+    batch = collate(records, seeds, timesteps)
     if caption_dropout > 0:
         if null_context is None:
             raise ValueError("caption_dropout needs the null context")
@@ -181,11 +177,9 @@ def build_probe_set(
     dataset: LatentDataset | Sequence[LatentRecord],
     indices: Sequence[int],
     seed: int,
-    p_async: float,
-    mode: str,
-    shift: float,
+    timesteps: TimestepSettings,
 ) -> ProbeSet:
     """Probe samples for `indices`, each with noise and timesteps drawn from `(seed, position)`."""
     records = [dataset[index] for index in indices]
     seeds = [mix_seed("probe", seed, position) for position in range(len(indices))]
-    return ProbeSet(collate(records, seeds, p_async, mode, shift), tuple(indices))
+    return ProbeSet(collate(records, seeds, timesteps), tuple(indices))

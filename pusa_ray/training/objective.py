@@ -20,11 +20,19 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def batch_loss(model: Denoiser, batch: Batch, weighted: bool = True) -> torch.Tensor:
-    """Mean velocity MSE of `model` on `batch`: each frame noised to its own sigma."""
+    """Mean velocity MSE of `model` on `batch` over the generated frames: each noised to its sigma.
+
+    A frame at sigma 0 is given, not generated (a conditioned layout): its velocity is never used
+    by the sampler and its target holds noise it cannot see, so it is left out of the mean.
+    """
     noisy = add_noise(batch.latents, batch.noise, batch.sigmas)  # [B, C, F, h, w]
     velocity = model(noisy, sigma_to_timestep(batch.sigmas), batch.context)  # [B, C, F, h, w]
     target = velocity_target(batch.latents, batch.noise)
-    return flow_matching_loss(velocity, target, batch.weights if weighted else None)
+    generated = (batch.sigmas > 0).float()  # [B, F]
+    if bool(generated.all()):
+        return flow_matching_loss(velocity, target, batch.weights if weighted else None)
+    weights = (batch.weights if weighted else torch.ones_like(generated)) * generated
+    return flow_matching_loss(velocity, target, weights / generated.mean())
 
 
 @torch.no_grad()
