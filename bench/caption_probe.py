@@ -6,6 +6,7 @@ direction than under a wrong one, most of all at high noise, where the noisy vid
 tell the direction. A gap near 0 means the word is ignored, whatever the sampler then does.
 
     python bench/caption_probe.py --model pusa-mini [--clips 32] [--sigmas 0.99,0.95,0.9,0.7]
+    python bench/caption_probe.py --model pusa-mini-base --adapter out/.../adapter.safetensors  # a checkpoint
 
 Two configurations per sigma: T2V (every frame at sigma) and I2V (frame 0 clean, the others at
 sigma; the loss is over frames 1..F-1). Clips come from the shapes domain at the model's size
@@ -21,7 +22,7 @@ import torch
 
 from pusa_ray.flow import add_noise, velocity_target
 from pusa_ray.mini.shapes import COLOURS, DIRECTIONS, STARTS, DomainSettings, clips
-from pusa_ray.models.loading import load_components
+from pusa_ray.models.loading import apply_adapters, load_components
 from pusa_ray.models.text import encode_prompts
 from pusa_ray.timesteps import sigma_to_timestep
 from pusa_ray.video import frames_to_tensor
@@ -47,6 +48,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="pusa-mini")
+    parser.add_argument(
+        "--adapter", action="append", default=[], help="a LoRA adapter to merge at alpha 1 (repeatable)"
+    )
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--sigmas", default="0.99,0.95,0.9,0.7")
     parser.add_argument("--travel", type=float, default=0.25)
@@ -55,6 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     components = load_components(args.model, device="cpu")
+    apply_adapters(components, [(adapter, 1.0) for adapter in args.adapter])
     spec = components.spec
     domain = DomainSettings(
         frames=spec.frames, height=spec.height, width=spec.width, travel=args.travel, start=args.start
