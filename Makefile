@@ -20,7 +20,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p out
-	$(BIN)/pusa-ray generate --task t2v --prompt "a red circle moves right" --out out/demo.mp4
+	$(BIN)/pusa-ray generate --task i2v --prompt "a red circle moves right" \
+		--image pusa_ray/mini/examples/red-circle-right.png --out out/demo.mp4
 	@echo "wrote out/demo.mp4"
 
 test: $(STAMP)

@@ -49,8 +49,12 @@ def test_the_weights_load_from_the_installed_package_without_network(monkeypatch
     assert not torch.equal(weight, dict(base.model.transformer.named_parameters())[name])
 
 
-@pytest.mark.parametrize("example", ["red-circle-right", "blue-square-up"])
-def test_i2v_from_a_shipped_image_starts_from_it_and_moves(mini: loading.Components, example: str) -> None:
+@pytest.mark.parametrize(
+    "example", ["red-circle-right", "blue-square-up", "green-square-down", "yellow-circle-left"]
+)
+def test_i2v_from_a_shipped_image_starts_from_it_and_moves_the_captioned_way(
+    mini: loading.Components, example: str
+) -> None:
     colour, shape, direction = example.split("-")
     caption = f"a {colour} {shape} moves {direction}"
     settings = default_settings(mini, steps=10, seed=0)
@@ -64,6 +68,8 @@ def test_i2v_from_a_shipped_image_starts_from_it_and_moves(mini: loading.Compone
     assert found.present.all()
     moved = np.linalg.norm(found.centres[-1] - found.centres[0])
     assert moved >= MIN_MOVE_PX
+    # the way the caption says (the example's first frame leaves room for a move either way)
+    assert metrics.score_caption(found, caption, MIN_MOVE_PX).direction_correct
 
 
 def test_generate_defaults_to_pusa_mini(tmp_path: Path) -> None:
