@@ -11,9 +11,10 @@ pusa_ray/weights/pusa-mini/:
 2. preprocess  the Ray Data preprocessing job on both training sets (jobs/configs/preprocess.pusa-mini.yaml)
 3. base        the Ray Train job: the T2V base from random weights, one timestep per clip
                (p_async 0; jobs/configs/train.pusa-mini-base.yaml), exported as a model directory
-4. vta         the Ray Train job: the VTA LoRA fine-tune of that base, independent per-frame
-               timesteps (p_async 1) with 9 clips in 10 laid out as a conditioned generation
-               (p_condition 0.9; jobs/configs/train.pusa-mini-vta.yaml), exported as an adapter
+4. vta         the Ray Train job: the VTA LoRA fine-tune of that base, 4 clips in 5 laid out as
+               a conditioned generation (p_condition 0.8), the others PTSS (p_async 0.5: half
+               independent per-frame timesteps; jobs/configs/train.pusa-mini-vta.yaml), exported
+               as an adapter
 5. package     the base model directory and the adapter into the package (`pusa-mini-base`,
                `pusa-mini` presets), and the example images (pusa_ray/mini/examples/)
 6. evaluate    jobs/evaluate.py on the held-out set: base, base with zero-shot VTA, pusa-mini
