@@ -49,11 +49,12 @@ REFERENCE = "ground-truth"  # the held-out clips scored as if a model had made t
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One `--model NAME=MODEL[,lora=PATH[:ALPHA]]...`."""
+    """One `--model NAME=MODEL[,lora=PATH[:ALPHA]]...[,schedule=S]`."""
 
     name: str
     model: str
     adapters: tuple[tuple[str, float], ...] = ()
+    schedule: str | None = None  # sync / lead for T2V; None: the model's default
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ VideoSource = Callable[[HeldoutClip, str, "int | None"], np.ndarray]
 
 
 def parse_model(text: str) -> ModelEntry:
-    """NAME=MODEL[,lora=PATH[:ALPHA]]...; without NAME= the model names itself."""
-    from pusa_ray.cli import DEFAULT_LORA_ALPHA
+    """NAME=MODEL[,lora=PATH[:ALPHA]]...[,schedule=S]; without NAME= the model names itself."""
+    from pusa_ray.cli import DEFAULT_LORA_ALPHA, SCHEDULE_NAMES
     from pusa_ray.config import check_plain_name
 
     head, *options = text.split(",")
@@ -84,17 +85,23 @@ def parse_model(text: str) -> ModelEntry:
     if not model:
         raise UserInputError(f"--model {text!r} names no model (NAME=MODEL[,lora=PATH[:ALPHA]])")
     check_plain_name(name, "--model name")
-    adapters = []
+    adapters, schedule = [], None
     for option in options:
         key, _, value = option.partition("=")
+        if key == "schedule" and value in SCHEDULE_NAMES:
+            schedule = value
+            continue
         if key != "lora" or not value:
-            raise UserInputError(f"--model {text!r}: {option!r} is not lora=PATH[:ALPHA]")
+            schedules = "|".join(SCHEDULE_NAMES)
+            raise UserInputError(
+                f"--model {text!r}: {option!r} is not lora=PATH[:ALPHA] or schedule={schedules}"
+            )
         path, _, alpha = value.rpartition(":")
         try:
             adapters.append((path, float(alpha)) if path else (value, DEFAULT_LORA_ALPHA))
         except ValueError:  # a colon that belongs to the path, as in s3://...
             adapters.append((value, DEFAULT_LORA_ALPHA))
-    return ModelEntry(name, model, tuple(adapters))
+    return ModelEntry(name, model, tuple(adapters), schedule)
 
 
 def parse_list(text: str, flag: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -195,7 +202,9 @@ def task_inputs(task: str, clip: HeldoutClip) -> Any:
     return TaskInputs(task="start-end", image=str(clip.first_image), end_image=str(clip.last_image))
 
 
-def pipeline_source(components: Any, seed: int, guidance: float | None) -> VideoSource:
+def pipeline_source(
+    components: Any, seed: int, guidance: float | None, schedule: str | None = None
+) -> VideoSource:
     """Generate with a loaded model at the held-out clip's size; clip i uses seed `seed + i`."""
     from pusa_ray import video
     from pusa_ray.pipeline import default_settings, generate
@@ -211,6 +220,7 @@ def pipeline_source(components: Any, seed: int, guidance: float | None) -> Video
             steps=steps,
             guidance=guidance,
             seed=seed + clip.index,
+            schedule=schedule,
         )
         shape = VideoShape(frames, height, width, components.codec.temporal_factor)
         conditions = build_conditions(task_inputs(task, clip), shape)
@@ -244,7 +254,7 @@ def model_sources(
         apply_adapters(components, list(entry.adapters))
         yield (
             entry.name,
-            pipeline_source(components, seed, guidance),
+            pipeline_source(components, seed, guidance, entry.schedule),
             tuple(steps or (default_settings(components).steps,)),
         )
         del components
@@ -384,7 +394,8 @@ def markdown(summary: Sequence[dict[str, Any]], about: dict[str, Any]) -> str:
         f"- held-out set: `{about['heldout']}`, {about['count']} clips of {about['size']} "
         f"(frames x height x width), generator seed {about['heldout_seed']}",
         f"- generation seeds: clip i uses seed {about['seed']} + i (the same for every model, task and "
-        f"step count); guidance {about['guidance']}; noise multipliers: task defaults",
+        f"step count); guidance {about['guidance']}; noise multipliers: task defaults; T2V schedule: "
+        f"{_schedules(about)}",
         f"- direction needs a net displacement of at least {about['min_travel_px']:.1f} px; "
         f"PSNR of an exact copy is reported as {metrics.PSNR_CAP_DB:g} dB",
         "",
@@ -413,6 +424,22 @@ def markdown(summary: Sequence[dict[str, Any]], about: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *_paper_table(summary)]
     return "\n".join(lines) + "\n"
+
+
+def _schedules(about: dict[str, Any]) -> str:
+    """Which T2V schedule each model ran: its entry's, else the model's default."""
+    from pusa_ray.config import get_preset
+
+    parts = []
+    for entry in about["models"]:
+        schedule = entry["schedule"]
+        if schedule is None:
+            try:
+                schedule = f"{get_preset(entry['model']).defaults.get('schedule', 'sync')} (default)"
+            except UserInputError:
+                schedule = "the model's default"
+        parts.append(f"{entry['name']} {schedule}")
+    return ", ".join(parts)
 
 
 def _paper_table(summary: Sequence[dict[str, Any]]) -> list[str]:

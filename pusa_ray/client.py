@@ -29,7 +29,8 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     from pusa_ray.cli import parse_cond
 
     body: dict[str, Any] = {"task": args.task, "prompt": args.prompt, "seed": args.seed}
-    for name in ("negative_prompt", "frames", "height", "width", "steps", "guidance", "shift", "fps"):
+    fields = ("negative_prompt", "frames", "height", "width", "steps", "guidance", "shift", "schedule", "fps")
+    for name in fields:
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     for name in ("cond_frames", "end_frames", "adapter"):

@@ -16,12 +16,12 @@ from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import Components
 from pusa_ray.models.text import encode_prompts
 from pusa_ray.sampler import ProgressCallback, guided_denoiser, initial_noise, sample
-from pusa_ray.timesteps import sampling_sigmas
+from pusa_ray.timesteps import SCHEDULES, frame_schedule
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How to sample: size, steps, guidance, shift and seed."""
+    """How to sample: size, steps, guidance, shift, seed and the frames' schedule."""
 
     frames: int
     height: int
@@ -31,6 +31,9 @@ class SamplingSettings:
     shift: float
     seed: int
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    # "sync" or "lead" (`timesteps.frame_schedule`); "lead" applies where no frame is given (T2V):
+    # with given frames the video already grows from them, and every frame shares the steps.
+    schedule: str = "sync"
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,15 @@ def default_settings(components: Components, **overrides: object) -> SamplingSet
         "shift": float(spec.defaults.get("shift", 5.0)),
         "seed": 0,
         "negative_prompt": spec.negative_prompt,
+        "schedule": str(spec.defaults.get("schedule", "sync")),
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
     return SamplingSettings(**values)  # type: ignore[arg-type]
 
 
-SETTING_FIELDS = ("frames", "height", "width", "steps", "guidance", "shift", "seed", "negative_prompt")
+SETTING_FIELDS = (
+    "frames", "height", "width", "steps", "guidance", "shift", "seed", "negative_prompt", "schedule"
+)  # fmt: skip
 
 
 def settings_from(components: Components, source: object) -> SamplingSettings:
@@ -80,6 +86,8 @@ def validate_settings(components: Components, settings: SamplingSettings) -> int
         raise UserInputError(f"guidance must be >= 0, got {settings.guidance}")
     if settings.shift <= 0:
         raise UserInputError(f"shift must be > 0, got {settings.shift}")
+    if settings.schedule not in SCHEDULES:
+        raise UserInputError(f"unknown schedule {settings.schedule!r} (known: {', '.join(SCHEDULES)})")
     return latents_for_frames(settings.frames, codec.temporal_factor)
 
 
@@ -108,7 +116,8 @@ def generate(
 
     shape = (1, *codec.latent_shape(settings.frames, settings.height, settings.width))
     noise = initial_noise(shape, settings.seed).to(device)  # [1, C, F_lat, h, w]
-    sigmas = sampling_sigmas(settings.steps, settings.shift)
+    schedule = settings.schedule if plan.latents is None else "sync"
+    sigmas = frame_schedule(settings.steps, settings.shift, num_latents, schedule)  # [N+1, F]
     latents = sample(denoiser, noise, plan, sigmas, progress, should_cancel)
     video = codec.decode(latents)[0]  # [3, F, H, W]
     return Generation(latents=latents.cpu(), video=video.cpu())

@@ -1,8 +1,9 @@
 """The one sampler: generalised Algorithm 1 of Pusa V1 for every conditioning plan.
 
 A given latent frame k with clean latent z_k and noise multiplier m_k starts at
-(1 - m_k) z_k + m_k eps_k, is fed timestep m_k * t_i and steps by m_k * (sigma_{i+1} - sigma_i);
-m_k = 0 keeps it frozen bit for bit. Generated frames are the m = 1 case.
+(1 - m_k) z_k + m_k eps_k, is fed timestep m_k * t_ik and steps by m_k * (sigma_{i+1,k} - sigma_ik);
+m_k = 0 keeps it frozen bit for bit. Generated frames are the m = 1 case. The schedule sigma_ik is
+one column for every frame (Pusa's algorithm) or a per-frame table (`timesteps.frame_schedule`).
 """
 
 from __future__ import annotations
@@ -77,13 +78,22 @@ def sample(
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Denoise `noise [B, C, F, H, W]` along `sigmas [N+1]` under `plan`; returns clean latents."""
+    """Denoise `noise [B, C, F, H, W]` along `sigmas` under `plan`; returns clean latents.
+
+    `sigmas` is `[N+1]` (every frame on one schedule) or `[N+1, F]` (a per-frame schedule, see
+    `timesteps.frame_schedule`); each frame's column starts at 1 and ends at 0.
+    """
     batch, _, num_latents = noise.shape[:3]
     multipliers = plan.frame_multipliers(num_latents).to(noise.device)  # [F]
-    sigmas = sigmas.to(device=noise.device, dtype=torch.float32)  # [N+1]
+    sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
+    if sigmas.ndim == 1:
+        sigmas = sigmas[:, None].expand(-1, num_latents)  # [N+1, F]
+    if sigmas.ndim != 2 or sigmas.shape[1] != num_latents or len(sigmas) < 2:
+        shape = tuple(sigmas.shape)
+        raise ValueError(f"sigmas must be [N+1] or [N+1, {num_latents}] with N >= 1, got {shape}")
     # The whole schedule up front: per-step, per-frame timesteps and Euler steps.
-    timesteps = sigma_to_timestep(sigmas[:-1, None] * multipliers)  # [N, F]
-    deltas = (sigmas[1:] - sigmas[:-1])[:, None] * multipliers  # [N, F]
+    timesteps = sigma_to_timestep(sigmas[:-1] * multipliers)  # [N, F]
+    deltas = (sigmas[1:] - sigmas[:-1]) * multipliers  # [N, F]
     latents = start_latents(noise, plan, multipliers)
     steps = len(sigmas) - 1
     for i in range(steps):

@@ -28,6 +28,35 @@ def sampling_sigmas(steps: int, shift: float) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)  # [N+1]
 
 
+# How the frames of a video share the sampler's steps (`frame_schedule`).
+SCHEDULES = ("sync", "lead")
+
+
+def frame_schedule(steps: int, shift: float, num_latents: int, schedule: str = "sync") -> torch.Tensor:
+    """Per-step, per-frame sigmas `[N+1, F]` of an N-step sampler (float32); the sampler scales
+    each given frame's column by its noise multiplier.
+
+    `sync`: every frame follows `sampling_sigmas(steps, shift)`. `lead`: latent frame 0 is
+    generated first and the others from it, as image-to-video generates them from a given frame:
+    over the first N // 2 steps frame 0 follows `sampling_sigmas(N // 2, shift)` while the others
+    wait at pure noise (sigma 1, untouched), then they follow `sampling_sigmas(N - N // 2, shift)`
+    with frame 0 clean and fixed. The same N model calls either way.
+    """
+    if schedule not in SCHEDULES:
+        raise UserInputError(f"unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
+    if schedule == "sync" or num_latents < 2:
+        return sampling_sigmas(steps, shift)[:, None].expand(-1, num_latents).contiguous()
+    if steps < 2:
+        raise UserInputError(f"schedule 'lead' needs steps >= 2 (frame 0's, then the rest's), got {steps}")
+    lead = steps // 2
+    first, rest = sampling_sigmas(lead, shift), sampling_sigmas(steps - lead, shift)  # [lead+1], [N-lead+1]
+    table = torch.ones(steps + 1, num_latents, dtype=torch.float32)
+    table[: lead + 1, 0] = first
+    table[lead:, 0] = 0.0
+    table[lead:, 1:] = rest[:, None]
+    return table
+
+
 def sigma_to_timestep(sigmas: torch.Tensor) -> torch.Tensor:
     """Model timestep (continuous, float32) for a sigma tensor of any shape."""
     return (sigmas * NUM_TRAIN_TIMESTEPS).to(torch.float32)
@@ -57,6 +86,7 @@ def sample_training_sigmas(
     shift: float = 5.0,
     p_condition: float = 0.0,
     condition_shift: float = 1.0,
+    p_lead: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame training sigmas `[B, F]` and loss weights `[B, F]`.
 
@@ -69,11 +99,18 @@ def sample_training_sigmas(
     (`conditioning_layouts`): some frames given (sigma 0), the others sharing one sigma, drawn
     as the mode draws it and, in uniform mode, shifted by `condition_shift` (1: plain U[0, 1];
     more: the high-noise end, where only the caption and the given frames tell what comes).
+
+    With probability `p_lead` a sample takes the first half of the `lead` sampling schedule
+    (`frame_schedule`): frame 0 at that same draw, every other frame at pure noise (sigma 1).
+    The draws for `p_condition` and `p_lead` are only made when they are above 0, so adding them
+    leaves the other draws of a generator unchanged.
     """
     if not 0.0 <= p_async <= 1.0:
         raise UserInputError(f"p_async must be in [0, 1], got {p_async}")
     if not 0.0 <= p_condition <= 1.0:
         raise UserInputError(f"p_condition must be in [0, 1], got {p_condition}")
+    if not 0.0 <= p_lead <= 1.0:
+        raise UserInputError(f"p_lead must be in [0, 1], got {p_lead}")
     if condition_shift <= 0 or (mode == "shifted-grid" and condition_shift != 1.0):
         raise UserInputError(
             f"condition_shift must be > 0, and 1 with the shifted grid (already shifted); "
@@ -93,17 +130,25 @@ def sample_training_sigmas(
         sigmas, weights = grid_sigmas[index], grid_weights[index]
     else:
         raise UserInputError(f"unknown timestep sampling mode {mode!r} (known: uniform, shifted-grid)")
+    if p_condition == 0 and p_lead == 0:
+        return sigmas, weights
+    # A layout sample uses its row's shared draw (`shared`), as the mode weights it.
+    if mode == "shifted-grid":
+        shared_sigmas, shared_weights = grid_sigmas[shared], grid_weights[shared]
+    else:
+        shared_sigmas, shared_weights = shift_sigmas(shared, condition_shift), torch.ones_like(shared)
     if p_condition > 0:
         conditioned = torch.rand(batch, generator=generator) < p_condition  # [B]
         given = conditioning_layouts(batch, frames, generator)  # [B, F]
-        # A conditioned sample: its shared draw (`shared`, one per row) on the frames not given.
-        if mode == "shifted-grid":
-            shared_sigmas, shared_weights = grid_sigmas[shared], grid_weights[shared]
-        else:
-            shared_sigmas, shared_weights = shift_sigmas(shared, condition_shift), torch.ones_like(shared)
         layout = torch.where(given, torch.zeros_like(sigmas), shared_sigmas)
         sigmas = torch.where(conditioned[:, None], layout, sigmas)
         weights = torch.where(conditioned[:, None], shared_weights, weights)
+    if p_lead > 0:
+        led = torch.rand(batch, generator=generator) < p_lead  # [B]
+        layout = torch.ones_like(sigmas)
+        layout[:, 0] = shared_sigmas[:, 0]
+        sigmas = torch.where(led[:, None], layout, sigmas)
+        weights = torch.where(led[:, None], shared_weights, weights)
     return sigmas, weights
 
 

@@ -135,6 +135,34 @@ def test_i2v_noisy_condition_is_not_frozen(media, tiny):
     assert not torch.equal(result.latents[0, :, 0], plan.latents[:, 0])
 
 
+def test_the_schedule_names_agree_everywhere():
+    from typing import get_args
+
+    from pusa_ray.cli import SCHEDULE_NAMES
+    from pusa_ray.serving.schemas import VideoRequest
+    from pusa_ray.timesteps import SCHEDULES
+
+    annotation = VideoRequest.model_fields["schedule"].annotation
+    assert SCHEDULE_NAMES == list(SCHEDULES) == list(get_args(get_args(annotation)[0]))
+
+
+def test_the_lead_schedule_changes_t2v_only(media, tiny, tmp_path):
+    """T2V under "lead" runs another schedule; with a given frame the video already leads with it."""
+    size = {"frames": 9, "height": 32, "width": 48, "steps": 4}
+    sync, lead = (default_settings(tiny, **size, schedule=schedule) for schedule in ("sync", "lead"))
+    t2v_sync, t2v_lead = (generate(tiny, "a red square", [], settings).latents for settings in (sync, lead))
+    assert not torch.equal(t2v_sync, t2v_lead)
+    conditions = build_conditions(TaskInputs(task="i2v", image=media / "first.png"), VideoShape(9, 32, 48))
+    i2v_sync, i2v_lead = (generate(tiny, "a red square", conditions, s).latents for s in (sync, lead))
+    assert torch.equal(i2v_sync, i2v_lead)
+    # The flag reaches the sampler: the CLI's latents are the lead ones.
+    out = tmp_path / "lead.safetensors"
+    argv = ["generate", "--prompt", "a red square", *SIZE[:6], "--steps", "4", "--frames", "9"]
+    argv += ["--schedule", "lead", "--out", str(tmp_path / "a.mp4"), "--save-latents", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert torch.equal(load_file(out)["latents"], t2v_lead)
+
+
 def test_console_script_writes_mp4_and_latents(media, tmp_path):
     out, latents = tmp_path / "a.mp4", tmp_path / "a.safetensors"
     command = [
@@ -256,6 +284,8 @@ BAD = [
     (["--model", "nope"], "'nope'"),
     (["--model", "wan2.1-t2v-14b"], "no embedded weights"),
     (["--steps", "0"], "got 0"),
+    (["--schedule", "lead", "--steps", "1"], "needs steps >= 2"),
+    (["--schedule", "late"], "invalid choice: 'late'"),
     (["--lora", "x.safetensors"], "x.safetensors"),
     (["--lora-alpha", "1.0"], "without --lora"),
     (["--task", "morph"], "'morph'"),

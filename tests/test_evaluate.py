@@ -114,6 +114,19 @@ def test_a_steps_sweep_gives_rows_per_step_count_and_reuses_the_held_out_set(tin
     assert (heldout / "manifest.jsonl").stat().st_mtime_ns == before
 
 
+def test_a_schedule_entry_changes_t2v_only_and_the_summary_says_which(tiny_run, tmp_path):
+    models = ["--model", "sync=tiny,schedule=sync", "--model", "lead=tiny,schedule=lead"]
+    args = [*models, "--heldout", str(tiny_run / "heldout"), "--count", "2", "--tasks", "t2v,i2v"]
+    assert evaluate.main([*args, "--steps", "2", "--no-reference", "--out", str(tmp_path)]) == 0
+    rows = {(row["model"], row["task"], row["clip"]): row for row in _rows(tmp_path)}
+    measured = ("frame_difference", "pixel_jitter", "first_frame_psnr")
+    for (model, task, clip), row in rows.items():
+        other = rows[("lead" if model == "sync" else "sync", task, clip)]
+        same = all(row.get(key) == other.get(key) for key in measured)
+        assert same == (task == "i2v"), (model, task, clip)  # I2V already leads with its given frame
+    assert "T2V schedule: sync sync, lead lead" in (tmp_path / "summary.md").read_text()
+
+
 def test_model_flags_parse_names_models_and_adapters():
     entry = evaluate.parse_model("vta=s3://b/models/m,lora=s3://b/a.safetensors:1.2,lora=/x/pusa.pt")
     assert entry == evaluate.ModelEntry(
@@ -121,8 +134,11 @@ def test_model_flags_parse_names_models_and_adapters():
     )
     assert evaluate.parse_model("tiny") == evaluate.ModelEntry("tiny", "tiny")
     assert evaluate.parse_model("s3://b/lora-only,lora=s3://b/x.pt").adapters == (("s3://b/x.pt", 1.4),)
+    assert evaluate.parse_model("lead=tiny,schedule=lead") == evaluate.ModelEntry("lead", "tiny", (), "lead")
     with pytest.raises(UserInputError, match="is not lora=PATH"):
         evaluate.parse_model("a=tiny,alpha=2")
+    with pytest.raises(UserInputError, match=r"or schedule=sync\|lead"):
+        evaluate.parse_model("a=tiny,schedule=late")
     with pytest.raises(UserInputError, match="must be letters"):
         evaluate.parse_model("a b=tiny")
 

@@ -62,6 +62,8 @@ def test_bad_training_sampling():
         timesteps.sample_training_sigmas(2, 2, 1.0, generator, mode="cosine")
     with pytest.raises(UserInputError, match="p_condition"):
         timesteps.sample_training_sigmas(2, 2, 1.0, generator, p_condition=-0.1)
+    with pytest.raises(UserInputError, match="p_lead"):
+        timesteps.sample_training_sigmas(2, 2, 1.0, generator, p_lead=1.5)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "shifted-grid"])
@@ -90,6 +92,30 @@ def test_conditioned_samples_give_some_frames_and_share_one_sigma_on_the_rest(mo
     share = (mixed == 0).any(dim=1).float().mean()  # only conditioned rows have given frames
     assert abs(share - 0.3) < 0.03
     assert not timesteps.conditioning_layouts(4, 1, generator).any()  # one frame: nothing to give
+
+
+@pytest.mark.parametrize("mode", ["uniform", "shifted-grid"])
+def test_lead_samples_put_frame_0_ahead_and_the_rest_at_pure_noise(mode):
+    shift = 5.0 if mode == "uniform" else 1.0
+    draw = lambda **kw: timesteps.sample_training_sigmas(  # noqa: E731
+        4000, 5, 1.0, torch.Generator().manual_seed(4), mode, 5.0, 0.3, shift, **kw
+    )
+    sigmas, weights = draw(p_lead=1.0)
+    assert torch.all(sigmas[:, 1:] == 1.0)
+    assert sigmas[:, 0].min() >= 0 and sigmas[:, 0].max() <= 1 and len(set(sigmas[:, 0].tolist())) > 500
+    if mode == "uniform":  # frame 0 at the conditioned draw: U[0, 1] shifted by condition_shift 5
+        assert torch.all(weights == 1)
+        median = timesteps.shift_sigmas(torch.tensor(0.5), 5.0)
+        assert abs(sigmas[:, 0].median() - median) < 0.02
+    else:  # every frame weighted as the grid weights frame 0's sigma
+        assert torch.all(weights == weights[:, :1])
+    # Lead rows replace the others; every other row is the draw without p_lead, value for value.
+    without, _ = draw()
+    mixed, _ = draw(p_lead=0.2)
+    led = (mixed[:, 1:] == 1.0).all(dim=1) & ~(without[:, 1:] == 1.0).all(dim=1)
+    assert abs(led.float().mean() - 0.2) < 0.03
+    kept = ~(mixed[:, 1:] == 1.0).all(dim=1)
+    assert torch.equal(mixed[kept], without[kept])
 
 
 def test_per_frame_noising_and_target():

@@ -118,6 +118,7 @@ def test_every_task_end_to_end(api, bucket, clips, tmp_path):
 
 def test_same_seed_gives_the_cli_latents(api, tmp_path):
     body = {"prompt": "a blue circle", "frames": 9, "height": 32, "width": 32, "steps": 3, "seed": 7}
+    body["schedule"] = "lead"  # a sampling field the request passes through, not the tiny default
     job_id = api.post(body).json()["id"]
     assert api.wait(job_id)["status"] == "completed"
     served = load_safetensors(api.get(f"/v1/videos/{job_id}/content", params={"variant": "latents"}).content)
@@ -134,7 +135,7 @@ def test_same_seed_gives_the_cli_latents(api, tmp_path):
         "--width",
         "32",
     ]
-    argv += ["--steps", "3", "--seed", "7", "--quiet", "--out", str(tmp_path / "a.mp4")]
+    argv += ["--steps", "3", "--seed", "7", "--schedule", "lead", "--quiet", "--out", str(tmp_path / "a.mp4")]
     assert cli_main([*argv, "--save-latents", str(tmp_path / "a.safetensors")]) == 0
     local = load_safetensors((tmp_path / "a.safetensors").read_bytes())["latents"]
     # Ray pins each replica's torch threads, so the sums run in another order: equal to float tolerance.
@@ -200,6 +201,7 @@ def bad_requests(bucket: str) -> list[tuple[str, dict, int, str]]:
         ("steps over limit", {"prompt": "x", "steps": 60}, 400, "steps"),
         ("negative guidance", {"prompt": "x", "guidance": -1}, 400, "guidance"),
         ("zero shift", {"prompt": "x", "shift": 0}, 400, "shift"),
+        ("unknown schedule", {"prompt": "x", "schedule": "late"}, 400, "schedule"),
         ("negative seed", {"prompt": "x", "seed": -1}, 400, "seed"),
         ("zero fps", {"prompt": "x", "fps": 0}, 400, "fps"),
         ("noise outside [0,1]", {"prompt": "x", "task": "i2v", "image": image, "noise": [1.5]}, 400, "noise"),

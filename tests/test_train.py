@@ -171,6 +171,11 @@ def test_defaults_follow_the_paper_and_survive_the_trip_to_the_workers() -> None
         ({"latents": "gs://bucket/x"}, r"latents: 'gs://bucket/x': expected a local path, file:// or s3://"),
         ({"timesteps": {"p_async": 1.5}}, r"timesteps\.p_async: Input should be less than or equal to 1"),
         ({"timesteps": {"mode": "cosine"}}, r"timesteps\.mode: Input should be 'uniform' or 'shifted-grid'"),
+        ({"timesteps": {"p_lead": -0.1}}, r"timesteps\.p_lead: Input should be greater than or equal to 0"),
+        (
+            {"timesteps": {"mode": "shifted-grid", "condition_shift": 5.0}},
+            r"timesteps: condition_shift must be 1 with mode shifted-grid \(its grid is already shifted\)",
+        ),
         ({"run": {"name": "a/b", "storage_path": "x"}}, r"run\.name: 'a/b' must be letters"),
         ({"method": "full"}, r"lora settings differ from the defaults but method is 'full'"),
         ({"scaling": {"workers": 0}}, r"scaling\.workers: Input should be greater than or equal to 1"),
@@ -261,22 +266,21 @@ def test_the_lora_model_trains_only_the_adapter_and_the_loss_uses_the_flow_math(
     loss = batch_loss(model, batch)
     loss.backward()
     assert all(p.grad is not None for p in trainable_parameters(model))
-    # The same number by hand: x = (1 - s) x0 + s eps, target eps - x0, per-frame MSE.
-    sigma = batch.sigmas[:, None, :, None, None]
-    noisy = (1 - sigma) * batch.latents + sigma * batch.noise
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def frame_mse() -> torch.Tensor:
+        """The same numbers by hand: x = (1 - s) x0 + s eps, target eps - x0, MSE per frame [B, F]."""
+        sigma = batch.sigmas[:, None, :, None, None]
+        noisy = (1 - sigma) * batch.latents + sigma * batch.noise
         velocity = model(noisy, batch.sigmas * 1000, batch.context)
-    expected = (velocity - (batch.noise - batch.latents)).pow(2).mean()
-    assert torch.allclose(loss.detach(), expected, rtol=1e-5)
+        return (velocity - (batch.noise - batch.latents)).pow(2).mean(dim=(1, 3, 4))
+
+    assert torch.allclose(loss.detach(), frame_mse().mean(), rtol=1e-5)
     # A given frame (sigma 0, a conditioned layout) is left out: the mean is over the others.
     batch.sigmas[0, 0] = 0.0
-    sigma = batch.sigmas[:, None, :, None, None]
-    noisy = (1 - sigma) * batch.latents + sigma * batch.noise
     with torch.no_grad():
         loss = batch_loss(model, batch)
-        per_frame = model(noisy, batch.sigmas * 1000, batch.context) - (batch.noise - batch.latents)
-    per_frame = per_frame.pow(2).mean(dim=(1, 3, 4))  # [B, F]
-    assert torch.allclose(loss, per_frame[batch.sigmas > 0].mean(), rtol=1e-5)
+    assert torch.allclose(loss, frame_mse()[batch.sigmas > 0].mean(), rtol=1e-5)
 
 
 def test_the_zero_initialised_adapter_does_not_change_the_sampler(local_latents: str, tmp_path: Path) -> None:
@@ -629,6 +633,13 @@ def test_rerunning_after_losing_the_driver_resumes_at_the_last_step(
     assert_same_adapter(
         final_adapter(f"{run}/checkpoint-{STEPS:08d}"), final_adapter(lora_run["summary"].checkpoint)
     )
+    # The same run name with other timesteps is another run: refused before any work, kept intact.
+    changed = config_dict(local_latents, f"{bucket}/runs", "driver-lost")
+    changed["timesteps"] = {"p_lead": 0.2}
+    capsys.readouterr()
+    assert dtrain.main(["--config", write_config(tmp_path / "changed.yaml", changed)]) == 2
+    assert "was started with timesteps" in capsys.readouterr().err
+    assert steps_by_checkpoint(run) == states
 
 
 @pytest.mark.ray

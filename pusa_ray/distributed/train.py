@@ -57,7 +57,7 @@ from pusa_ray.data.latents import LatentDataset
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import model_source
 from pusa_ray.storage import FileEntry
-from pusa_ray.training.config import TrainConfig, load_config
+from pusa_ray.training.config import TimestepSettings, TrainConfig, load_config
 from pusa_ray.training.data import (
     DataLayout,
     ProbeSet,
@@ -211,7 +211,12 @@ def _check_resumable(config: TrainConfig) -> int | None:
             f"run {run_uri(config)!r} resumes from {checkpoint}, written by {saved['world_size']} workers; "
             f"ZeRO-2 partitions resume only on as many (scaling.workers is {config.scaling.workers})"
         )
-    for key in ("method", "lora", "model"):
+    # What makes it another run: the model trained and how its timesteps are drawn (a resumed run
+    # that silently trained on another layout, or only re-exported an old one, would look the same).
+    # Saved timesteps are read with today's defaults, so keys added since compare as their default.
+    timesteps = TimestepSettings.model_validate(before.get("timesteps", {}))
+    before = {**before, "timesteps": timesteps.model_dump(mode="json")}
+    for key in ("method", "lora", "model", "timesteps"):
         if before.get(key) != now.get(key):
             raise UserInputError(
                 f"run {run_uri(config)!r} was started with {key} {before.get(key)!r}, the config says "

@@ -87,6 +87,15 @@ class TimestepSettings(_Strict):
         default=0.0, ge=0.0, le=1.0, description="share of samples laid out as a conditioned generation"
     )
     condition_shift: float = Field(default=1.0, gt=0, description="shift of a conditioned layout's sigma")
+    p_lead: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of samples laid out as the lead schedule's first half"
+    )
+
+    @model_validator(mode="after")
+    def _grid_is_already_shifted(self) -> TimestepSettings:
+        if self.mode == "shifted-grid" and self.condition_shift != 1.0:
+            raise ValueError("condition_shift must be 1 with mode shifted-grid (its grid is already shifted)")
+        return self
 
     def draw(self, batch: int, frames: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmas [B, F], loss weights [B, F]) as these settings say."""
@@ -99,6 +108,7 @@ class TimestepSettings(_Strict):
             self.shift,
             self.p_condition,
             self.condition_shift,
+            self.p_lead,
         )
 
 
