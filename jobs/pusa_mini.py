@@ -11,13 +11,15 @@ pusa_ray/weights/pusa-mini/:
 2. preprocess  the Ray Data preprocessing job on both training sets (jobs/configs/preprocess.pusa-mini.yaml)
 3. base        the Ray Train job: the T2V base from random weights, one timestep per clip
                (p_async 0; jobs/configs/train.pusa-mini-base.yaml), exported as a model directory
-4. vta         the Ray Train job: the VTA LoRA fine-tune of that base, 4 clips in 5 laid out as
-               a conditioned generation (p_condition 0.8), the others PTSS (p_async 0.5: half
+4. vta         the Ray Train job: the VTA LoRA fine-tune of that base, 1 clip in 5 laid out as
+               the lead T2V schedule's first half (p_lead 0.2), 4 in 5 of the others as a
+               conditioned generation (p_condition 0.8), the rest PTSS (p_async 0.5: half
                independent per-frame timesteps; jobs/configs/train.pusa-mini-vta.yaml), exported
                as an adapter
 5. package     the base model directory and the adapter into the package (`pusa-mini-base`,
                `pusa-mini` presets), and the example images (pusa_ray/mini/examples/)
-6. evaluate    jobs/evaluate.py on the held-out set: base, base with zero-shot VTA, pusa-mini
+6. evaluate    jobs/evaluate.py on the held-out set: base, base with zero-shot VTA, pusa-mini;
+               T2V under both schedules (`sync`, `lead`)
 
 Everything survives an interrupted session: the data and preprocessing stages write only what
 is missing, and a training stage rerun resumes from the run's last checkpoint (raise `steps` in its
@@ -54,7 +56,7 @@ STAGES = ("data", "preprocess", "base", "vta", "package", "evaluate")
 DOMAIN = DomainSettings(
     frames=5, height=32, width=32, motions=("moves",), backgrounds=("plain",), travel=0.25, start="centre"
 )
-TRAIN_CLIPS, VTA_CLIPS, HELDOUT_CLIPS = 2048, 1024, 64
+TRAIN_CLIPS, VTA_CLIPS, HELDOUT_CLIPS = 2048, 1024, 256
 TRAIN_SEED, HELDOUT_SEED = 0, 10_000
 FPS = 4
 
@@ -79,8 +81,9 @@ def stage_data() -> None:
     lines = (data / "manifest.jsonl").read_text().splitlines(keepends=True)
     (data / "manifest-vta.jsonl").write_text("".join(lines[:VTA_CLIPS]))  # the fine-tune's subset
     heldout = WORK / "heldout"
-    if not (heldout / "manifest.jsonl").is_file():
-        log(f"writing {HELDOUT_CLIPS} held-out clips")
+    manifest = heldout / "manifest.jsonl"
+    if not manifest.is_file() or len(manifest.read_text().splitlines()) < HELDOUT_CLIPS:
+        log(f"writing {HELDOUT_CLIPS} held-out clips (a smaller set is extended: clip i depends on i only)")
         write_dataset(heldout, DOMAIN, HELDOUT_CLIPS, HELDOUT_SEED, FPS)
     _evaluation().record_heldout(heldout, DOMAIN, HELDOUT_SEED)  # the evaluation scores motion by its travel
 
@@ -183,13 +186,20 @@ def write_examples() -> None:
 
 
 def stage_evaluate() -> None:
-    """The README's table (base vs pusa-mini, every task) and the I2V steps sweep (paper Table 2b)."""
+    """The README's table (base vs pusa-mini, every task, each model's T2V schedule), T2V under the
+    other schedule (the base with "lead" is zero-shot VTA; pusa-mini with "sync" is Pusa's T2V), and
+    the I2V steps sweep (paper Table 2b) on the first 64 clips."""
     main = _evaluation().main
-    heldout = ["--heldout", str(WORK / "heldout"), "--count", str(HELDOUT_CLIPS)]
+    heldout = ["--heldout", str(WORK / "heldout")]
+    clips = ["--count", str(HELDOUT_CLIPS)]
+    models = ["--model", "base=pusa-mini-base", "--model", "pusa-mini=pusa-mini"]
     runs = [
-        ["--model", "base=pusa-mini-base", "--model", "pusa-mini=pusa-mini", "--out", str(WORK / "eval")],
-        ["--model", "pusa-mini=pusa-mini", "--tasks", "i2v", "--steps", "2,5,10,20", "--no-reference"]
-        + ["--out", str(WORK / "eval-steps")],
+        clips + models + ["--out", str(WORK / "eval")],
+        clips
+        + ["--model", "base-lead=pusa-mini-base,schedule=lead", "--tasks", "t2v", "--no-reference"]
+        + ["--model", "pusa-mini-sync=pusa-mini,schedule=sync", "--out", str(WORK / "eval-schedules")],
+        ["--count", "64", "--model", "pusa-mini=pusa-mini", "--tasks", "i2v", "--steps", "2,5,10,20"]
+        + ["--no-reference", "--out", str(WORK / "eval-steps")],
     ]
     for arguments in runs:
         status = main(heldout + arguments)

@@ -50,7 +50,7 @@ class ModelSpec:
     weights: str = "directory"
     seed: int = 0
     text_length: int = TEXT_LENGTH
-    defaults: dict[str, float] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # steps, guidance, shift; schedule (a name)
     embedded: str | None = None
     # LoRA adapters merged on load, (path relative to the embedded directory, alpha).
     adapters: tuple[tuple[str, float], ...] = ()
@@ -238,7 +238,14 @@ MINI_SCRATCH = ModelSpec(
     negative_prompt="",  # the empty prompt the base is trained on 10% of the time (caption dropout)
 )
 MINI_BASE = dataclasses.replace(MINI_SCRATCH, name="pusa-mini-base", weights="embedded", embedded="pusa-mini")
-MINI = dataclasses.replace(MINI_BASE, name="pusa-mini", adapters=(("vta/adapter.safetensors", 1.0),))
+# pusa-mini generates T2V with the "lead" schedule: frame 0 first, then the others from it, the
+# layout its VTA fine-tune learned the direction word in (see the README's pusa-mini section).
+MINI = dataclasses.replace(
+    MINI_BASE,
+    name="pusa-mini",
+    adapters=(("vta/adapter.safetensors", 1.0),),
+    defaults={**MINI_BASE.defaults, "schedule": "lead"},
+)
 
 PRESETS: dict[str, ModelSpec] = {
     "tiny": TINY,
