@@ -66,7 +66,7 @@ from boto3.s3.transfer import (
     create_transfer_manager,
 )
 from botocore.client import BaseClient
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.exceptions import RetriesExceededError as S3TransferRetriesExceededError
 from s3transfer.exceptions import S3DownloadFailedError
 
@@ -383,6 +383,21 @@ class CorruptDataError(ValueError):
     def __init__(self, uri: str, problem: str) -> None:
         super().__init__(f"{uri}: {problem}")
         self.uri = uri
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` says storage could not be reached or did not answer (worth retrying later).
+
+    Timeouts, refused or broken connections, S3's 5xx and throttling answers, and failures after
+    botocore's own retries; not a missing object, a denied access or a bad URI.
+    """
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
+    return isinstance(error, (TimeoutError, ConnectionError, BotoCoreError, OSError))
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import Components
 from pusa_ray.pipeline import Generation, SamplingSettings, generate, settings_from
 from pusa_ray.sampler import GenerationCancelled, ProgressCallback
-from pusa_ray.serving.jobs import JobStore, State
+from pusa_ray.serving.jobs import OUTPUTS, JobStore, State, Superseded
 from pusa_ray.serving.schemas import Media, VideoRequest
 from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
 
@@ -63,41 +63,92 @@ def run_request(
 
 
 def write_outputs(result: Generation, fps: float, video_uri: str, latents_uri: str) -> None:
-    """The mp4 and the latents (safetensors, tensor `latents`) to storage."""
+    """The latents (safetensors, tensor `latents`), then the mp4: a video in storage marks the pair done."""
+    storage.write_bytes(latents_uri, save_safetensors({"latents": result.latents.float().contiguous()}))
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / "video.mp4"
         video.write_mp4(local, video.tensor_to_frames(result.video), fps)
         storage.upload_file(local, video_uri)
-    storage.write_bytes(latents_uri, save_safetensors({"latents": result.latents.float().contiguous()}))
 
 
 class Reporter:
-    """Holds a job's state and writes it: on change of phase, and as a heartbeat every `period_s`."""
+    """One attempt's state, written (fenced, `JobStore.put_state`) from its own thread.
 
-    def __init__(self, store: JobStore, job_id: str, state: State, period_s: float) -> None:
-        self.store, self.job_id, self.state, self.period_s = store, job_id, state, period_s
+    The sampler never waits on storage: `progress` only updates memory and wakes the thread (at
+    most every quarter second). The thread also beats every `period_s` and, about once a second,
+    reads the job's record, so `reason` tells the sampler between steps that the job was
+    cancelled or that a newer attempt owns it. A failed beat is retried at the next one; `write`
+    (a change of phase) retries until `lease_s` has passed since the last write that landed.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, state: State, period_s: float, lease_s: float) -> None:
+        self.store, self.job_id, self.state = store, job_id, state
+        self.period_s, self.lease_s = period_s, lease_s
+        self.reason: str | None = None  # "cancelled" or "superseded", once seen
         self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._stop = threading.Event()
+        self._written_at = time.time()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
-    def write(self, **changes: object) -> None:
+    def _put(self) -> None:
         with self._lock:
-            for key, value in changes.items():
-                setattr(self.state, key, value)
             self.state.heartbeat_at = time.time()
-            self.store.put_state(self.job_id, self.state)
+            try:
+                self.store.put_state(self.job_id, self.state)
+            except Superseded:
+                self.check_record()
+                raise
+            self._written_at = time.time()
+
+    def write(self, **changes: object) -> None:
+        """Apply `changes` and write them now, retried within the lease; `Superseded` if fenced off."""
+        for key, value in changes.items():
+            setattr(self.state, key, value)
+        while True:
+            try:
+                self._put()
+                return
+            except Superseded:
+                raise
+            except Exception as error:
+                if not storage.unreachable(error) or time.time() - self._written_at >= self.lease_s:
+                    raise
+                logger.warning("state write for %s failed, retrying: %s", self.job_id, error)
+                time.sleep(min(1.0, self.period_s))
 
     def progress(self, done: int, total: int) -> None:
-        """Sampler callback: in memory every step, written at most every quarter second (and at the end)."""
+        """Sampler callback: memory only; the thread writes it."""
         self.state.progress = round(100.0 * done / total, 1)
-        if done == total or time.time() - (self.state.heartbeat_at or 0.0) >= 0.25:
-            self.write()
+        if done == total or time.time() - self._written_at >= 0.25:
+            self._wake.set()
+
+    def check_record(self) -> None:
+        """Read the record: note a cancellation or a newer attempt in `reason`."""
+        record = self.store.get_record(self.job_id)
+        if record is None or record.cancelled:
+            self.reason = "cancelled"
+        elif record.attempts != self.state.attempt:
+            self.reason = "superseded"
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.period_s):
+        checked_at = 0.0
+        while not self._stop.is_set():
+            woken = self._wake.wait(min(self.period_s, 1.0))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
-                self.write()
-            except OSError as error:  # storage hiccup: the next beat tries again
+                if time.time() - checked_at >= 1.0:
+                    self.check_record()
+                    checked_at = time.time()
+                if self.reason is not None:
+                    return
+                if woken or time.time() - self._written_at >= self.period_s:
+                    self._put()
+            except Superseded:
+                return
+            except Exception as error:  # storage hiccup: the next beat tries again
                 logger.warning("heartbeat for %s failed: %s", self.job_id, error)
 
     def __enter__(self) -> Reporter:
@@ -106,59 +157,67 @@ class Reporter:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join()
 
 
-def _cancel_check(store: JobStore, job_id: str, every_s: float = 1.0):
-    """True once the job's record is gone or cancelled; reads storage at most every `every_s`."""
-    last = {"at": 0.0, "cancelled": False}
-
-    def cancelled() -> bool:
-        now = time.time()
-        if not last["cancelled"] and now - last["at"] >= every_s:
-            record = store.get_record(job_id)
-            last.update(at=now, cancelled=record is None or record.cancelled)
-        return bool(last["cancelled"])
-
-    return cancelled
-
-
 def execute_job(
-    components: Components, store: JobStore, job_id: str, attempt: int, replica: str, heartbeat_s: float
+    components: Components,
+    store: JobStore,
+    job_id: str,
+    attempt: int,
+    replica: str,
+    heartbeat_s: float,
+    lease_s: float,
 ) -> str:
-    """Generate a stored job; returns its final status (completed, failed or cancelled)."""
+    """Run attempt `attempt` of a stored job: `completed`, `failed`, `cancelled` or `superseded`.
+
+    Everything it writes lies under the attempt's own folder, and every state write is fenced
+    (`JobStore.put_state`), so a superseded attempt changes nothing a reader sees.
+    """
     started = time.time()
     state = State(status="in_progress", started_at=started, attempt=attempt, replica=replica)
-    should_cancel = _cancel_check(store, job_id)
-    with Reporter(store, job_id, state, heartbeat_s) as reporter:
-        reporter.write()
+    with Reporter(store, job_id, state, heartbeat_s, lease_s) as reporter:
         try:
+            reporter.write()
             request = VideoRequest.model_validate(store.get_request(job_id))
             settings = settings_from(components, request)
             reporter.write(parameters=asdict(settings))
             prepared = time.time()
-            result = run_request(components, request, settings, reporter.progress, should_cancel)
+            result = run_request(
+                components, request, settings, reporter.progress, lambda: reporter.reason is not None
+            )
             sampled = time.time()
-            if should_cancel():
-                raise GenerationCancelled("cancelled before its outputs were written")
-            outputs = {variant: store.output_uri(job_id, variant) for variant in ("video", "latents")}
+            if reporter.reason is not None:
+                raise GenerationCancelled(f"{reporter.reason} before its outputs were written")
+            outputs = {variant: store.output_uri(job_id, attempt, variant) for variant in OUTPUTS}
             write_outputs(result, request.fps or components.spec.fps, outputs["video"], outputs["latents"])
+            timings = {
+                "prepare_s": prepared - started,
+                "sample_s": sampled - prepared,
+                "write_s": time.time() - sampled,
+            }
+            reporter.write(
+                status="completed", progress=100.0, finished_at=time.time(), timings=timings, outputs=outputs
+            )
+        except Superseded:
+            reporter.reason = reporter.reason or "superseded"
         except GenerationCancelled:
-            logger.info('{"event": "job_cancelled", "id": "%s"}', job_id)
-            return "cancelled"
+            pass
         except (UserInputError, FileNotFoundError, ValueError) as error:
-            reporter.write(status="failed", error=str(error), finished_at=time.time())
-            return "failed"
-        finished = time.time()
-        timings = {
-            "prepare_s": prepared - started,
-            "sample_s": sampled - prepared,
-            "write_s": finished - sampled,
-        }
-        reporter.write(
-            status="completed", progress=100.0, finished_at=finished, timings=timings, outputs=outputs
-        )
-    if should_cancel():  # cancelled while writing: leave nothing behind
-        store.delete_job(job_id)
+            try:
+                reporter.write(status="failed", error=str(error), finished_at=time.time())
+            except Superseded:
+                reporter.reason = reporter.reason or "superseded"
+            else:
+                return "failed"
+    if reporter.reason is None:
+        reporter.check_record()  # cancelled while its outputs were written?
+    if reporter.reason == "cancelled":
+        logger.info('{"event": "job_cancelled", "id": "%s"}', job_id)
+        store.delete_job(job_id)  # leave nothing behind (a no-op when the ingress deleted it)
         return "cancelled"
+    if reporter.reason == "superseded":
+        logger.info('{"event": "attempt_superseded", "id": "%s", "attempt": %d}', job_id, attempt)
+        return "superseded"
     return "completed"

@@ -2,14 +2,22 @@
 
 Layout under `storage_root`, one writer per file:
 
-    jobs/{id}/request.json   the validated request, media replaced by refs     (ingress, once)
-    jobs/{id}/record.json    created_at, attempts, cancellation, ingress error  (ingress)
-    jobs/{id}/state.json     status, progress, heartbeat, timings, error        (generator)
-    jobs/{id}/inputs/...     uploaded media                                     (ingress)
-    jobs/{id}/outputs/video.mp4, latents.safetensors                           (generator)
-    idempotency/{sha256(key)}.json -> job id                                    (ingress)
+    jobs/{id}/request.json                 the validated request, media as refs   (ingress, once)
+    jobs/{id}/record.json                  created_at, current attempt, failures,  (ingress)
+                                           cancellation, ingress error
+    jobs/{id}/inputs/...                   uploaded media                          (ingress)
+    jobs/{id}/attempts/{k}/state.json      status, progress, heartbeat, timings    (attempt k)
+    jobs/{id}/attempts/{k}/outputs/...     video.mp4, latents.safetensors          (attempt k)
+    idempotency/{sha256(key)}.json -> job id                                       (ingress)
 
-A job's status is derived from the three files, so no two processes ever write the same object.
+**Fencing by attempt.** The record names the job's current attempt; the ingress writes a new
+attempt number there before it issues the call for it. Attempt k writes only under
+`attempts/{k}/`, and every state write first checks that the record still names k
+(`Superseded` otherwise). Readers take the state of the record's attempt only. So a late or
+zombie attempt (a replica that was slow or cut off) can never change what a user sees once a
+newer attempt exists, even if one of its writes slips past the check: it lands in its own
+folder, which nothing reads. Outputs are committed manifest-last: the state that says
+`completed` (and lists the outputs) is written after them.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ class Record:
     id: str
     task: str
     created_at: float
-    attempts: int = 0
+    attempts: int = 0  # the current attempt's number (0: never dispatched); the fencing token
+    failures: list[str] = field(default_factory=list)  # one line per attempt that ran and failed
     cancelled: bool = False
-    error: str | None = None  # set when the ingress gives up (attempts exhausted)
+    error: str | None = None  # set when the ingress gives up (max_attempts failures)
     adapter: str | None = None  # the adapter's weights URI
     adapter_alpha: float = 1.4
     idempotency_key: str | None = None
@@ -57,6 +66,10 @@ class State:
     timings: dict[str, float] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)  # the resolved sampling settings
     outputs: dict[str, str] = field(default_factory=dict)
+
+
+class Superseded(Exception):
+    """A write for an attempt that is no longer the job's current one (or for a deleted job)."""
 
 
 def new_job_id() -> str:
@@ -103,15 +116,35 @@ class JobStore:
         value = self._read_json(self.path(job_id, "record.json"))
         return Record(**value) if value is not None else None
 
+    def _attempt_path(self, job_id: str, attempt: int, *parts: str) -> str:
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"attempt must be a positive integer, got {attempt!r}")
+        return self.path(job_id, "attempts", str(attempt), *parts)
+
+    def check_owner(self, job_id: str, attempt: int) -> Record:
+        """The job's record, if it still names `attempt` as current; `Superseded` otherwise."""
+        record = self.get_record(job_id)
+        if record is None:
+            raise Superseded(f"job {job_id} no longer exists")
+        if record.attempts != attempt:
+            raise Superseded(f"attempt {attempt} of {job_id} was superseded by attempt {record.attempts}")
+        return record
+
     def put_state(self, job_id: str, state: State) -> None:
-        self._write_json(self.path(job_id, "state.json"), asdict(state))
+        """Write attempt `state.attempt`'s state, fenced: refused once a newer attempt owns the job."""
+        uri = self._attempt_path(job_id, state.attempt, "state.json")
+        self.check_owner(job_id, state.attempt)
+        self._write_json(uri, asdict(state))
 
-    def get_state(self, job_id: str) -> State:
-        value = self._read_json(self.path(job_id, "state.json"))
-        return State(**value) if value is not None else State()
+    def get_state(self, job_id: str, attempt: int) -> State:
+        """What attempt `attempt` reported (an empty, queued state before it started)."""
+        if attempt < 1:
+            return State()
+        value = self._read_json(self._attempt_path(job_id, attempt, "state.json"))
+        return State(**value) if value is not None else State(attempt=attempt)
 
-    def output_uri(self, job_id: str, variant: str) -> str:
-        return self.path(job_id, "outputs", OUTPUTS[variant])
+    def output_uri(self, job_id: str, attempt: int, variant: str) -> str:
+        return self._attempt_path(job_id, attempt, "outputs", OUTPUTS[variant])
 
     def delete_job(self, job_id: str) -> None:
         storage.delete_prefix(self.path(job_id))

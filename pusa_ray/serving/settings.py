@@ -33,7 +33,7 @@ class ServiceSettings(BaseModel):
     )
     api_key_env: str | None = Field(default=None, description="env var holding the API key; unset = no auth")
     max_queue: int = Field(default=32, ge=1, description="accepted, unfinished jobs before 429")
-    max_attempts: int = Field(default=3, ge=1, description="dispatches of one job before it fails")
+    max_attempts: int = Field(default=3, ge=1, description="failed attempts of one job before it fails")
     heartbeat_s: float = Field(default=5.0, gt=0)
     lease_s: float = Field(
         default=120.0, gt=0, description="a running job without heartbeat this long is lost"
@@ -41,6 +41,9 @@ class ServiceSettings(BaseModel):
     janitor_period_s: float = Field(default=30.0, gt=0)
     retention_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="records and outputs expire after")
     retry_after_s: int = Field(default=10, ge=1)
+    storage_timeout_s: float = Field(
+        default=5.0, gt=0, description="a request that waits on storage longer answers 503"
+    )
     limits: Limits = Field(default_factory=Limits)
 
     @model_validator(mode="after")
