@@ -12,6 +12,7 @@ import base64
 import functools
 import io
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -128,17 +129,26 @@ class Api:
         return self.session.post(f"{self.base}/v1/videos", json=body, timeout=60, **kwargs)
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.session.get(f"{self.base}{path}", timeout=60, **kwargs)
+        kwargs.setdefault("timeout", 60)
+        return self.session.get(f"{self.base}{path}", **kwargs)
 
     def delete(self, job_id: str) -> requests.Response:
         return self.session.delete(f"{self.base}/v1/videos/{job_id}", timeout=60)
+
+    def view(self, job_id: str) -> dict | None:
+        """The job's view, or None while the service does not answer (restarting, storage down)."""
+        try:
+            response = self.get(f"/v1/videos/{job_id}", timeout=10)
+        except requests.RequestException:
+            return None
+        return response.json() if response.status_code == 200 else None
 
     def wait(
         self, job_id: str, timeout_s: float = 120.0, statuses=("completed", "failed", "cancelled")
     ) -> dict:
         def finished() -> dict | None:
-            view = self.get(f"/v1/videos/{job_id}").json()
-            return view if view.get("status") in statuses else None
+            view = self.view(job_id)
+            return view if view is not None and view.get("status") in statuses else None
 
         return wait_for(finished, timeout_s, f"job {job_id} to reach {statuses}")
 
@@ -174,3 +184,102 @@ def moving_square(frames: int, height: int, width: int, seed: int) -> np.ndarray
         top, left = (seed + index) % (height - size), (3 * seed + 2 * index) % (width - size)
         clip[index, top : top + size, left : left + size] = 255 - background
     return clip
+
+
+# --- faults: real processes killed, real storage frozen (tests/test_serve_scaling.py, bench/faults.py)
+
+
+def replica_actor(tag: str, deployment: str = "Generator"):
+    """The Ray actor of the Serve replica with this tag (the `replica` of a job's state)."""
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if name.startswith("SERVE_REPLICA::") and f"#{deployment}#" in name and name.endswith(f"#{tag}"):
+            return ray.get_actor(name, namespace=entry["namespace"])
+    raise AssertionError(f"no {deployment} replica actor with tag {tag}")
+
+
+def replica_tags(deployment: str) -> list[str]:
+    import ray
+
+    names = [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)]
+    return [n.rsplit("#", 1)[1] for n in names if n.startswith("SERVE_REPLICA::") and f"#{deployment}#" in n]
+
+
+def sigkill_replica(tag: str, deployment: str = "Generator") -> int:
+    """SIGKILL the replica's worker process (as the OOM killer or a lost node would); its pid."""
+    import ray
+
+    actor = replica_actor(tag, deployment)
+    pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def running_state(
+    api: Api, root: str, job_id: str, attempt: int | None = None, timeout_s: float = 120.0
+) -> dict:
+    """Wait until the job's current attempt (or attempt `attempt`) runs; its state (replica tag, progress)."""
+    import json
+
+    from pusa_ray import storage
+
+    def running() -> dict | None:
+        view = api.view(job_id)
+        if view is None or view.get("status") != "in_progress":
+            return None
+        if attempt is not None and view["attempts"] != attempt:
+            return None
+        uri = storage.join(root, "jobs", job_id, "attempts", str(view["attempts"]), "state.json")
+        return json.loads(storage.read_bytes(uri))
+
+    return wait_for(running, timeout_s, f"job {job_id} to run")
+
+
+def submit_all(api: Api, bodies: list[dict]) -> list[str]:
+    ids = []
+    for body in bodies:
+        response = api.post(body)
+        if response.status_code != 202:
+            raise AssertionError(f"submit refused: {response.status_code} {response.text}")
+        ids.append(response.json()["id"])
+    return ids
+
+
+def final_views(api: Api, ids: list[str], timeout_s: float) -> list[dict]:
+    """Each job's final view, polling through restarts and outages."""
+    deadline = time.time() + timeout_s
+    return [api.wait(job_id, timeout_s=max(1.0, deadline - time.time())) for job_id in ids]
+
+
+def first_running(api: Api, root: str, ids: list[str], timeout_s: float = 120.0) -> tuple[str, dict]:
+    """The first of `ids` seen running, and its state."""
+
+    def any_running() -> tuple[str, dict] | None:
+        for job_id in ids:
+            view = api.view(job_id)
+            if view is not None and view.get("status") == "in_progress":
+                return job_id, running_state(api, root, job_id, timeout_s=10)
+        return None
+
+    return wait_for(any_running, timeout_s, "a job to run")
+
+
+def sigkill_descendant(fragment: str, timeout_s: float = 120.0) -> int:
+    """SIGKILL a process of this test's own Ray cluster whose title holds `fragment` (a Ray Data
+    actor is titled after its class, e.g. `ray::MapWorker(MapBatches(Generate))`); its pid."""
+    import psutil
+
+    def find() -> psutil.Process | None:
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if fragment in " ".join(process.cmdline()):
+                    return process
+            except psutil.Error:
+                continue
+        return None
+
+    process = wait_for(find, timeout_s, f"a process titled {fragment!r}")
+    process.send_signal(signal.SIGKILL)
+    return process.pid

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import threading
 
 import pytest
 import yaml
@@ -73,3 +74,39 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("input: a.jsonl\noutput: out\ncolour: red\n")
     assert main(["--config", str(tmp_path / "config.yaml")]) == 2
     assert "colour" in capsys.readouterr().err
+
+
+def test_a_killed_actor_is_replaced_and_every_output_is_written_once(ray_cluster, s3_bucket):
+    from pusa_ray.distributed.batch import BatchConfig, run
+    from tests.serve_helpers import sigkill_descendant, wait_for
+
+    bucket = s3_bucket[len("s3://") :]
+    client = storage.s3_client()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    small = {"frames": 9, "height": 32, "width": 32, "steps": 8}
+    names = [f"clip{i}" for i in range(6)]
+    lines = "".join(
+        json.dumps({"name": n, "prompt": f"clip {n}", "seed": i, **small}) + "\n" for i, n in enumerate(names)
+    )
+    storage.write_bytes(f"{s3_bucket}/prompts.jsonl", lines.encode())
+    output = f"{s3_bucket}/batch"
+    config = BatchConfig(input=f"{s3_bucket}/prompts.jsonl", output=output, num_cpus_per_actor=0.5)
+
+    summary: dict = {}
+    job = threading.Thread(target=lambda: summary.update(run(config)))
+    job.start()
+    wait_for(
+        lambda: any(storage.exists(f"{output}/{n}.mp4") for n in names) or not job.is_alive(), 240, "a video"
+    )
+    assert job.is_alive(), "the batch finished before its actor could be killed"
+    sigkill_descendant("MapBatches(Generate)")  # the one Ray Data actor, mid-batch
+    job.join(timeout=400)
+
+    assert summary == {"completed": 6, "failed": 0, "skipped": 0}  # Ray Data replaced the actor
+    rows = [json.loads(line) for line in storage.read_bytes(f"{output}/results.jsonl").splitlines()]
+    assert sorted(row["name"] for row in rows) == names and {row["status"] for row in rows} == {"completed"}
+    versions = client.list_object_versions(Bucket=bucket, Prefix="batch/")["Versions"]
+    videos = sorted(entry["Key"] for entry in versions if entry["Key"].endswith(".mp4"))
+    assert videos == [f"batch/{n}.mp4" for n in names]  # each video written exactly once
+    listed = {entry.path for entry in storage.read_manifest(output).files}
+    assert {f"{n}.{ext}" for n in names for ext in ("mp4", "safetensors")} <= listed

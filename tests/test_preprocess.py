@@ -444,3 +444,35 @@ def test_a_killed_run_restarts_and_holds_each_clip_once(ray_cluster, tmp_path: P
 
 def read(output: Path, shard: str) -> list[str]:
     return list(json.loads((output / f"{shard}.json").read_text())["keys"])
+
+
+@pytest.mark.ray
+def test_a_killed_encoder_actor_is_replaced_and_the_run_completes(ray_cluster, tmp_path: Path) -> None:
+    import threading
+
+    from tests.serve_helpers import sigkill_descendant, wait_for
+
+    raw, output = tmp_path / "raw", tmp_path / "latents"
+    raw.mkdir()
+    names = [f"clip{index}.mp4" for index in range(12)]
+    for index, name in enumerate(names):
+        video.write_mp4(raw / name, moving_square(FRAMES, HEIGHT, WIDTH, index), 16)
+    (raw / "metadata.csv").write_text("file_name,text\n" + "".join(f"{n},clip number {n}\n" for n in names))
+    config = load_config(
+        write_config(tmp_path / "job.yaml", config_dict(str(raw), str(output), shard_records=1))
+    )
+
+    summary: list = []
+    job = threading.Thread(target=lambda: summary.append(preprocess.run(config)))
+    job.start()
+    shards = output / "shards"
+    wait_for(lambda: (shards.is_dir() and any(shards.glob("*.json"))) or not job.is_alive(), 240, "a shard")
+    assert job.is_alive(), "the run finished before its actor could be killed"
+    sigkill_descendant("MapBatches(EncodeLatents)")  # the VAE actor, mid-run
+    job.join(timeout=300)
+
+    assert summary and summary[0].written == len(names)  # Ray Data replaced the actor: no rerun needed
+    dataset = LatentDataset(str(output), verify_hashes=True)
+    assert sorted(record.uri for record in dataset) == sorted(str(raw / name) for name in names)
+    listed = [read(output, shard["path"]) for shard in dataset.manifest.extra["shards"]]
+    assert sorted(key for keys in listed for key in keys) == sorted(dataset.keys)  # each clip once

@@ -3,8 +3,10 @@
 Each input line is a request in the HTTP API's schema (`pusa_ray.serving.schemas.VideoRequest`),
 plus an optional `name`; media are s3:// URIs or inline base64. Outputs go to
 `{output}/{name}.mp4` and `{output}/{name}.safetensors` (the latents), with `results.jsonl`
-(one line per input: status, error, seconds) and a manifest written last. A rerun skips the
-names whose video already exists, so an interrupted batch resumes where it stopped.
+(one line per input: status, error, seconds) and a manifest written last. An item's video is
+written after its latents, so a video in storage marks the item done: a rerun skips those names
+(an interrupted batch resumes where it stopped), and so does a task that Ray Data retries after
+its actor died, so no output is generated twice.
 
     ray job submit --working-dir . -- python jobs/generate.py --config CONFIG.yaml
 """
@@ -87,22 +89,25 @@ class Generate:
         self.components = load_components(self.config.model, device=self.config.device)
         apply_adapters(self.components, [(ref.uri, ref.alpha) for ref in self.config.adapters])
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def _generate(self, text: str, video_uri: str, latents_uri: str) -> None:
         from pusa_ray.pipeline import settings_from
         from pusa_ray.serving.execute import run_request, write_outputs
         from pusa_ray.serving.schemas import VideoRequest
 
+        request = VideoRequest.model_validate_json(text)
+        settings = settings_from(self.components, request)
+        result = run_request(self.components, request, settings)
+        write_outputs(result, request.fps or self.components.spec.fps, video_uri, latents_uri)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows: dict[str, list] = {"name": [], "status": [], "error": [], "seconds": []}
         for name, text in zip(batch["name"], batch["request"], strict=True):
             start = time.time()
             status, error = "completed", ""
+            video_uri = storage.join(self.config.output, f"{name}.mp4")
             try:
-                request = VideoRequest.model_validate_json(text)
-                settings = settings_from(self.components, request)
-                result = run_request(self.components, request, settings)
-                video_uri = storage.join(self.config.output, f"{name}.mp4")
-                latents_uri = storage.join(self.config.output, f"{name}.safetensors")
-                write_outputs(result, request.fps or self.components.spec.fps, video_uri, latents_uri)
+                if not storage.exists(video_uri):  # else a retried task whose actor died after writing
+                    self._generate(text, video_uri, storage.join(self.config.output, f"{name}.safetensors"))
             except (UserInputError, FileNotFoundError, ValueError) as failure:
                 status, error = "failed", str(failure)
             for key, value in (("name", str(name)), ("status", status), ("error", error)):
@@ -129,6 +134,9 @@ def run(config: BatchConfig) -> dict[str, int]:
         results += dataset.take_all()
     results_uri = storage.join(config.output, "results.jsonl")
     merged = {row["name"]: row for row in _previous_results(results_uri)}  # a rerun keeps earlier rows
+    done = {item["name"] for item in items} - {item["name"] for item in todo}
+    for name in sorted(done - set(merged)):  # done by a run that died before it wrote its results
+        merged[name] = {"name": name, "status": "completed", "error": "", "seconds": 0.0}
     merged.update({row["name"]: row for row in results})
     fields = ("name", "status", "error", "seconds")
     lines = "".join(json.dumps({key: row[key] for key in fields}) + "\n" for row in merged.values())
