@@ -92,12 +92,22 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """Start `python -m moto.server` on a free loopback port and point boto3 at it via the env."""
+_UNSET_ENV = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL_S3",  # would win over AWS_ENDPOINT_URL
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+)
+
+
+@contextlib.contextmanager
+def running_s3_server(workdir: Path) -> Iterator[S3Server]:
+    """`python -m moto.server` on a free loopback port, with boto3 pointed at it through the env
+    for the duration of the block (tests' session fixture, bench/faults.py)."""
     from pusa_ray import storage  # here, so the fast core tests never import boto3
 
-    workdir = tmp_path_factory.mktemp("moto")
     port = _free_port()
     endpoint_url = f"http://127.0.0.1:{port}"
     log_path = workdir / "moto.log"
@@ -111,14 +121,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     try:
         _wait_until_answering(endpoint_url, process, log_path)
         with pytest.MonkeyPatch.context() as env:
-            for name in (
-                "AWS_PROFILE",
-                "AWS_DEFAULT_PROFILE",
-                "AWS_SESSION_TOKEN",
-                "AWS_SECURITY_TOKEN",
-                "AWS_ENDPOINT_URL_S3",  # would win over AWS_ENDPOINT_URL
-                "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
-            ):
+            for name in _UNSET_ENV:
                 env.delenv(name, raising=False)
             env.setenv("AWS_ACCESS_KEY_ID", "testing")
             env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -138,6 +141,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         storage.reset_client()  # again, now that the environment is restored
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server for the whole session (see `running_s3_server`)."""
+    with running_s3_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -132,6 +132,13 @@ class Dispatcher:
         if self.calls.get(job_id) is asyncio.current_task():
             del self.calls[job_id]
         self.events.active(len(self.calls))
+        try:
+            await self._settle(job_id, attempt, outcome, failure)
+        except Exception as error:  # storage unreachable: the janitor settles it on a later sweep
+            logger.warning("settling attempt %d of %s failed: %s", attempt, job_id, error)
+
+    async def _settle(self, job_id: str, attempt: int, outcome: str | None, failure: str | None) -> None:
+        """After a call ended: retry a failed attempt, or record how it finished."""
         async with self._lock(job_id):
             record = await self._blocking(self.store.get_record, job_id)
             if record is None or record.cancelled or record.attempts != attempt:

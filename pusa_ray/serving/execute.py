@@ -1,7 +1,9 @@
 """Run one stored job with the core pipeline: no Ray here, so it is testable on its own.
 
-The generator deployment calls `execute_job` in a worker thread. Progress and a heartbeat go to
-the job's state file; cancellation is read from the job's record between steps.
+The generator deployment calls `execute_job` in a worker thread for one attempt of a job.
+Progress and a heartbeat go to that attempt's state file (fenced: see `pusa_ray.serving.jobs`);
+a cancellation, or a newer attempt, is read from the job's record and stops the sampler between
+steps.
 """
 
 from __future__ import annotations
