@@ -153,6 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_parser(commands, add_generation_flags)
     for name, (_module, summary) in DELEGATED.items():
         commands.add_parser(name, help=f"{summary}; see `pusa-ray {name} --help`", add_help=False)
+    sample = commands.add_parser(
+        "sample-data",
+        help="write captioned sample clips (the shapes world) for the preprocessing job",
+        description=(
+            "Captioned mp4 clips in every layout the preprocessing job reads: DIR (with DiffSynth's "
+            "metadata.csv), DIR/manifest.jsonl, DIR/clips (.txt captions beside the videos); plus "
+            "DIR/prompts.jsonl for the batch generation job. Seeded; a few seconds on a CPU."
+        ),
+    )
+    sample.add_argument(
+        "dir", type=Path, help="where to write (jobs/configs/*.tiny.yaml read /tmp/pusa-ray/raw)"
+    )
+    sample.add_argument("--count", type=int, default=32, help="good clips (default 32)")
+    sample.add_argument("--frames", type=int, default=24, help="frames per clip (default 24)")
+    sample.add_argument("--height", type=int, default=64)
+    sample.add_argument("--width", type=int, default=64)
+    sample.add_argument("--fps", type=float, default=16.0)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--with-bad", action="store_true", help="add 4 broken inputs, reported in the job's errors.jsonl"
+    )
     conv = commands.add_parser(
         "convert",
         help="convert a model to our layout, or a LoRA adapter between formats",
@@ -249,6 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_generate(args)
         elif args.command == "convert":
             run_convert(args)
+        elif args.command == "sample-data":
+            from pusa_ray.mini.sample_data import write_sample_data
+
+            written = write_sample_data(
+                args.dir, args.count, args.frames, args.height, args.width, args.fps, args.seed, args.with_bad
+            )
+            print(written.line())
         elif args.command == "client":
             from pusa_ray.client import run_client
 

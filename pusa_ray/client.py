@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,40 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class Client:
-    def __init__(self, url: str, api_key: str | None) -> None:
+    """The service's HTTP API. A service that is not answering yet (just deployed, restarting) or
+    answers 502/503 (starting, storage unreachable) is retried for up to `patience_s`; a submit
+    carries an Idempotency-Key, so a retried one never makes a second job."""
+
+    def __init__(self, url: str, api_key: str | None, patience_s: float = 120.0) -> None:
         import requests
 
         self.url = url.rstrip("/")
         self.session = requests.Session()
+        self.patience_s = patience_s
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import requests
+
+        deadline = time.time() + self.patience_s
+        told = False
+        while True:
+            try:
+                response = self.session.request(method, f"{self.url}{path}", **kwargs)
+                waiting = response.status_code in (502, 503) or _not_ours(response)
+                reason = f"HTTP {response.status_code}"
+            except requests.ConnectionError as error:
+                response, waiting, reason = None, True, type(error).__name__
+            if not waiting or time.time() > deadline:
+                if response is None:
+                    raise UserInputError(f"no service answers at {self.url} ({reason})")
+                return self._check(response)
+            if not told:
+                print(f"waiting for the service at {self.url} ({reason}) ...", file=sys.stderr, flush=True)
+                told = True
+            retry_after = response.headers.get("Retry-After") if response is not None else None
+            time.sleep(min(float(retry_after) if retry_after and retry_after.isdigit() else 2.0, 10.0))
 
     def _check(self, response: Any) -> Any:
         if response.status_code >= 400:
@@ -71,13 +99,11 @@ class Client:
         return response
 
     def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._check(
-            self.session.post(f"{self.url}/v1/videos", json=body, headers=headers, timeout=120)
-        ).json()
+        headers = {"Idempotency-Key": idempotency_key or f"pusa-ray-client-{uuid.uuid4().hex}"}
+        return self._request("POST", "/v1/videos", json=body, headers=headers, timeout=120).json()
 
     def status(self, job_id: str) -> dict[str, Any]:
-        return self._check(self.session.get(f"{self.url}/v1/videos/{job_id}", timeout=60)).json()
+        return self._request("GET", f"/v1/videos/{job_id}", timeout=60).json()
 
     def wait(self, job_id: str, poll_s: float = 2.0, timeout_s: float = 3600.0) -> dict[str, Any]:
         deadline = time.time() + timeout_s
@@ -92,27 +118,42 @@ class Client:
             time.sleep(poll_s)
 
     def download(self, job_id: str, out: Path, variant: str = "video") -> Path:
-        url = f"{self.url}/v1/videos/{job_id}/content"
-        response = self._check(self.session.get(url, params={"variant": variant}, timeout=600))
+        response = self._request(
+            "GET", f"/v1/videos/{job_id}/content", params={"variant": variant}, timeout=600
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(response.content)
         return out
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._check(self.session.delete(f"{self.url}/v1/videos/{job_id}", timeout=60)).json()
+        return self._request("DELETE", f"/v1/videos/{job_id}", timeout=60).json()
 
     def list(self, limit: int = 20) -> dict[str, Any]:
-        return self._check(
-            self.session.get(f"{self.url}/v1/videos", params={"limit": limit}, timeout=60)
-        ).json()
+        return self._request("GET", "/v1/videos", params={"limit": limit}, timeout=60).json()
+
+
+def _not_ours(response: Any) -> bool:
+    """A 404 that is not the API's own JSON error: Serve's proxy before the app's routes are up."""
+    if response.status_code != 404:
+        return False
+    try:
+        return "error" not in response.json()
+    except ValueError:
+        return True
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
+    """--url and --api-key; on each action without defaults, so that they may come before the
+    action (`client --url U submit`) or after it (`client submit --url U`)."""
+    url = os.environ.get("PUSA_RAY_URL", "http://127.0.0.1:8000") if with_defaults else argparse.SUPPRESS
+    key = os.environ.get("PUSA_RAY_API_KEY") if with_defaults else argparse.SUPPRESS
+    parser.add_argument("--url", default=url, help="the service (default: $PUSA_RAY_URL or 127.0.0.1:8000)")
+    parser.add_argument("--api-key", default=key, help="default: $PUSA_RAY_API_KEY")
 
 
 def add_client_parser(commands: Any, add_generation_flags: Any) -> None:
     client = commands.add_parser("client", help="talk to a running pusa-ray service over HTTP")
-    client.add_argument("--url", default=os.environ.get("PUSA_RAY_URL", "http://127.0.0.1:8000"))
-    client.add_argument(
-        "--api-key", default=os.environ.get("PUSA_RAY_API_KEY"), help="default: $PUSA_RAY_API_KEY"
-    )
+    _add_connection_flags(client, with_defaults=True)
     actions = client.add_subparsers(dest="action", required=True)
     submit = actions.add_parser("submit", help="submit a job (flags as for generate)")
     add_generation_flags(submit, service=True)
@@ -126,6 +167,8 @@ def add_client_parser(commands: Any, add_generation_flags: Any) -> None:
     download.add_argument("--out", type=Path, required=True)
     download.add_argument("--variant", choices=["video", "latents"], default="video")
     actions.add_parser("list").add_argument("--limit", type=int, default=20)
+    for action in actions.choices.values():
+        _add_connection_flags(action, with_defaults=False)
 
 
 def run_client(args: argparse.Namespace) -> None:

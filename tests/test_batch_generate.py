@@ -30,6 +30,8 @@ def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_buc
             **small,
         },
         {"prompt": "x", "colour": "red"},
+        {"name": "typo", "prompt": "x", "stpes": 4},
+        "not an object",
     ]
     storage.write_bytes(
         f"{s3_bucket}/prompts.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode()
@@ -38,11 +40,10 @@ def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_buc
     config.update(input=f"{s3_bucket}/prompts.jsonl", output=f"{s3_bucket}/batch", num_cpus_per_actor=0.5)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
 
-    assert main(["--config", str(tmp_path / "config.yaml")]) == 1  # three of six fail
-    results = {
-        row["name"]: row
-        for row in map(json.loads, storage.read_bytes(f"{s3_bucket}/batch/results.jsonl").splitlines())
-    }
+    assert main(["--config", str(tmp_path / "config.yaml")]) == 1  # five of eight fail
+    rows = [json.loads(line) for line in storage.read_bytes(f"{s3_bucket}/batch/results.jsonl").splitlines()]
+    results = {row["name"]: row for row in rows}
+    assert len(rows) == len(results) == 8
     assert (
         results["red"]["status"]
         == results["i2v-inline"]["status"]
@@ -50,7 +51,10 @@ def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_buc
         == "completed"
     )
     assert results["bad"]["status"] == "failed" and "frames" in results["bad"]["error"]
-    assert results["line-6"]["status"] == "failed" and "colour" in results["line-6"]["error"]
+    assert results["000006"]["status"] == "failed" and "colour" in results["000006"]["error"]
+    assert (results["typo"]["status"], results["typo"]["line"]) == ("failed", 7)  # keeps its name
+    assert "stpes" in results["typo"]["error"]
+    assert results["line-8"]["status"] == "failed" and "JSON object" in results["line-8"]["error"]
     assert results["missing"]["status"] == "failed" and "none.png" in results["missing"]["error"]
     local = tmp_path / "red.mp4"
     local.write_bytes(storage.read_bytes(f"{s3_bucket}/batch/red.mp4"))
@@ -63,11 +67,12 @@ def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_buc
         main(["--config", str(tmp_path / "config.yaml")]) == 1
     )  # the failed ones fail again; others skipped
     assert storage.read_bytes(f"{s3_bucket}/batch/red.mp4") == before
-    rerun = {
-        row["name"]: row
-        for row in map(json.loads, storage.read_bytes(f"{s3_bucket}/batch/results.jsonl").splitlines())
-    }
-    assert rerun["red"] == results["red"]
+    rerun_rows = [
+        json.loads(line) for line in storage.read_bytes(f"{s3_bucket}/batch/results.jsonl").splitlines()
+    ]
+    rerun = {row["name"]: row for row in rerun_rows}
+    assert len(rerun_rows) == 8  # the rejected lines are reported again, not twice
+    assert rerun["red"] == results["red"] and rerun["typo"] == results["typo"]
 
 
 def test_bad_config_fails_before_any_work(tmp_path, capsys):

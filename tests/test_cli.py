@@ -314,3 +314,18 @@ def test_distributed_jobs_are_reached_through_the_cli(tmp_path, capsys):
     assert main(["batch-generate", "--config", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err
     assert "colour" in err and "Traceback" not in err
+
+
+def test_client_connection_flags_go_before_or_after_the_action(monkeypatch):
+    from pusa_ray.cli import build_parser
+
+    monkeypatch.delenv("PUSA_RAY_URL", raising=False)
+    monkeypatch.delenv("PUSA_RAY_API_KEY", raising=False)
+    parse = build_parser().parse_args
+    before = parse(["client", "--url", "http://a:1", "--api-key", "k", "submit", "--prompt", "x"])
+    after = parse(["client", "submit", "--prompt", "x", "--url", "http://a:1", "--api-key", "k"])
+    assert (before.url, before.api_key) == (after.url, after.api_key) == ("http://a:1", "k")
+    neither = parse(["client", "status", "vid_1"])
+    assert (neither.url, neither.api_key) == ("http://127.0.0.1:8000", None)
+    both = parse(["client", "--url", "http://a:1", "list", "--url", "http://b:2"])
+    assert both.url == "http://b:2"  # the later one wins

@@ -221,7 +221,8 @@ def test_the_served_adapter_generates_a_video_over_http(
     view = service.wait(response.json()["id"], timeout_s=300)
     assert view["status"] == "completed", view
     assert view["adapter"] == f"{bucket}/adapters/{ADAPTER}/adapter.safetensors"  # the job used it
-    stored = f"{bucket}/serve/jobs/{view['id']}/outputs/video.mp4"
+    attempt = view["attempts"]  # the job store keeps each attempt's outputs apart (serving/jobs.py)
+    stored = f"{bucket}/serve/jobs/{view['id']}/attempts/{attempt}/outputs/video.mp4"
     path = tmp_path / "video.mp4"
     path.write_bytes(storage.read_bytes(stored))
     assert video.probe_video(path)["frames"] == 17

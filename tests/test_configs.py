@@ -271,3 +271,14 @@ def test_the_preprocessing_job_brings_up_one_training_node_not_serving_nodes():
     assert nodes_launched_for(cluster["available_node_types"], cluster["head_node_type"], demands) == {
         "gpu_train": 1
     }
+
+
+def test_every_service_setting_is_in_the_reference_table():
+    from pusa_ray.serving.settings import Limits, ServiceSettings
+
+    text = (REPO / "docs" / "reference.md").read_text()
+    names = [n for n in ServiceSettings.model_fields if n != "limits"] + [
+        f"limits.{n}" for n in Limits.model_fields
+    ]
+    missing = [name for name in names if f"| `{name}` |" not in text]
+    assert missing == []

@@ -378,3 +378,5 @@ def test_the_client_submits_waits_and_downloads(api, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["client", "--url", api.base, "status", view["id"]]) == 2  # no key
     assert "HTTP 401" in capsys.readouterr().err
+    assert cli_main(["client", "status", view["id"], "--url", api.base, "--api-key", API_KEY]) == 0
+    assert __import__("json").loads(capsys.readouterr().out)["status"] == "completed"  # flags after it

@@ -58,8 +58,11 @@ def read_requests(config: BatchConfig) -> tuple[list[dict[str, Any]], list[dict[
     for number, line in enumerate(storage.read_bytes(config.input).decode().splitlines(), start=1):
         if not line.strip():
             continue
+        name = f"line-{number}"  # until the line says otherwise
         try:
             raw = json.loads(line)
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
             name = str(raw.pop("name", f"{number:06d}"))
             check_plain_name(name, "name")
             if name in seen:
@@ -67,7 +70,8 @@ def read_requests(config: BatchConfig) -> tuple[list[dict[str, Any]], list[dict[
             VideoRequest.model_validate(raw)
         except (ValueError, ValidationError) as error:
             message = str(error).splitlines()[0] if not isinstance(error, ValidationError) else _first(error)
-            rejected.append({"name": f"line-{number}", "status": "failed", "error": message, "seconds": 0.0})
+            row = {"name": name, "line": number, "status": "failed", "error": message, "seconds": 0.0}
+            rejected.append(row)
             continue
         seen.add(name)
         items.append({"name": name, "request": json.dumps(raw)})
@@ -133,13 +137,16 @@ def run(config: BatchConfig) -> dict[str, int]:
         )
         results += dataset.take_all()
     results_uri = storage.join(config.output, "results.jsonl")
-    merged = {row["name"]: row for row in _previous_results(results_uri)}  # a rerun keeps earlier rows
+    # A rerun keeps earlier rows of requests; lines that never became one (they carry their line
+    # number, and keep whatever name they gave) are read again from this input.
+    merged = {row["name"]: row for row in _previous_results(results_uri) if "line" not in row}
     done = {item["name"] for item in items} - {item["name"] for item in todo}
     for name in sorted(done - set(merged)):  # done by a run that died before it wrote its results
         merged[name] = {"name": name, "status": "completed", "error": "", "seconds": 0.0}
-    merged.update({row["name"]: row for row in results})
-    fields = ("name", "status", "error", "seconds")
-    lines = "".join(json.dumps({key: row[key] for key in fields}) + "\n" for row in merged.values())
+    merged.update({row["name"]: row for row in results if "line" not in row})
+    rows = [*merged.values(), *(row for row in results if "line" in row)]
+    fields = ("name", "line", "status", "error", "seconds")
+    lines = "".join(json.dumps({key: row[key] for key in fields if key in row}) + "\n" for row in rows)
     storage.write_bytes(results_uri, lines.encode())
     storage.commit_dir(
         config.output, extra={"kind": "pusa_ray.batch_generation", "model": config.model}, hashes=False

@@ -12,10 +12,10 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_frames: int = Field(default=161, ge=1)
+    max_frames: int = Field(default=161, ge=1, description="pixel frames of one video")
     max_pixels: int = Field(default=1280 * 720, ge=256, description="height * width")
-    max_steps: int = Field(default=100, ge=1)
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_steps: int = Field(default=100, ge=1, description="denoising steps")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="one request body")
     max_media_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="one image or clip")
 
 
@@ -34,13 +34,15 @@ class ServiceSettings(BaseModel):
     api_key_env: str | None = Field(default=None, description="env var holding the API key; unset = no auth")
     max_queue: int = Field(default=32, ge=1, description="accepted, unfinished jobs before 429")
     max_attempts: int = Field(default=3, ge=1, description="failed attempts of one job before it fails")
-    heartbeat_s: float = Field(default=5.0, gt=0)
+    heartbeat_s: float = Field(default=5.0, gt=0, description="a running job's heartbeat period")
     lease_s: float = Field(
         default=120.0, gt=0, description="a running job without heartbeat this long is lost"
     )
-    janitor_period_s: float = Field(default=30.0, gt=0)
+    janitor_period_s: float = Field(
+        default=30.0, gt=0, description="how often the ingress sweeps stored jobs (leases, retention)"
+    )
     retention_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="records and outputs expire after")
-    retry_after_s: int = Field(default=10, ge=1)
+    retry_after_s: int = Field(default=10, ge=1, description="the Retry-After of a 429 or 503")
     storage_timeout_s: float = Field(
         default=5.0, gt=0, description="a request that waits on storage longer answers 503"
     )
