@@ -146,7 +146,7 @@ def test_a_storage_freeze_under_load_answers_503_and_loses_no_job(api, s3_server
     refused = [response for status, _seconds, response in answers if status == 503]
     assert refused, [status for status, _s, _r in answers]
     assert {status for status, _s, _r in answers} <= {200, 503}  # never a 500, never a hang
-    assert max(seconds for _status, seconds, _r in answers) < 8  # storage_timeout_s (5 s) + slack
+    assert max(seconds for _status, seconds, _r in answers) < 10  # storage_timeout_s (5 s) + slack
     error = refused[-1].json()["error"]
     assert error["field"] == "storage" and int(refused[-1].headers["Retry-After"]) > 0
     assert health.status_code == 503 and health.json()["storage"] == "unreachable"
