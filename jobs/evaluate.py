@@ -75,8 +75,9 @@ VideoSource = Callable[[HeldoutClip, str, "int | None"], np.ndarray]
 
 def parse_model(text: str) -> ModelEntry:
     """NAME=MODEL[,lora=PATH[:ALPHA]]...[,schedule=S]; without NAME= the model names itself."""
-    from pusa_ray.cli import DEFAULT_LORA_ALPHA, SCHEDULE_NAMES
+    from pusa_ray.cli.flags import DEFAULT_LORA_ALPHA
     from pusa_ray.config import check_plain_name
+    from pusa_ray.names import SCHEDULES as SCHEDULE_NAMES
 
     head, *options = text.split(",")
     name, separator, model = head.partition("=")

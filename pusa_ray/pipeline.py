@@ -15,8 +15,9 @@ from pusa_ray.config import DEFAULT_NEGATIVE_PROMPT
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import Components
 from pusa_ray.models.text import encode_prompts
+from pusa_ray.names import SCHEDULES
 from pusa_ray.sampler import ProgressCallback, guided_denoiser, initial_noise, sample
-from pusa_ray.timesteps import SCHEDULES, frame_schedule
+from pusa_ray.timesteps import frame_schedule
 
 
 @dataclass(frozen=True)

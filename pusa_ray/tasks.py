@@ -15,6 +15,7 @@ import torch
 from pusa_ray import conditioning as plans
 from pusa_ray import video
 from pusa_ray.errors import UserInputError
+from pusa_ray.names import TASKS
 
 MediaSource = str | Path | bytes
 
@@ -188,7 +189,7 @@ def _transition(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondit
     )
 
 
-TASKS: dict[str, Callable[[TaskInputs, VideoShape], list[plans.MediaCondition]]] = {
+TASK_BUILDERS: dict[str, Callable[[TaskInputs, VideoShape], list[plans.MediaCondition]]] = {
     "t2v": _t2v,
     "i2v": _i2v,
     "start-end": _start_end,
@@ -197,9 +198,11 @@ TASKS: dict[str, Callable[[TaskInputs, VideoShape], list[plans.MediaCondition]]]
     "complete": _complete,
     "transition": _transition,
 }
+if set(TASK_BUILDERS) != set(TASKS):  # pusa_ray.names lists what users may ask for: one builder each
+    raise ImportError(f"task builders {sorted(TASK_BUILDERS)} do not match pusa_ray.names.TASKS {TASKS}")
 
 
 def build_conditions(inputs: TaskInputs, shape: VideoShape) -> list[plans.MediaCondition]:
     """Check the inputs, then load the task's media at the target size and place it on latent positions."""
     validate_inputs(inputs, shape)
-    return TASKS[inputs.task](inputs, shape)
+    return TASK_BUILDERS[inputs.task](inputs, shape)

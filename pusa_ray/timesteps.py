@@ -10,6 +10,7 @@ import torch
 
 from pusa_ray.config import NUM_TRAIN_TIMESTEPS
 from pusa_ray.errors import UserInputError
+from pusa_ray.names import SCHEDULES
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -26,10 +27,6 @@ def sampling_sigmas(steps: int, shift: float) -> torch.Tensor:
     base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
     sigmas = shift_sigmas(base, shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)  # [N+1]
-
-
-# How the frames of a video share the sampler's steps (`frame_schedule`).
-SCHEDULES = ("sync", "lead")
 
 
 def frame_schedule(steps: int, shift: float, num_latents: int, schedule: str = "sync") -> torch.Tensor:

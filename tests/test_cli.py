@@ -135,17 +135,6 @@ def test_i2v_noisy_condition_is_not_frozen(media, tiny):
     assert not torch.equal(result.latents[0, :, 0], plan.latents[:, 0])
 
 
-def test_the_schedule_names_agree_everywhere():
-    from typing import get_args
-
-    from pusa_ray.cli import SCHEDULE_NAMES
-    from pusa_ray.serving.schemas import VideoRequest
-    from pusa_ray.timesteps import SCHEDULES
-
-    annotation = VideoRequest.model_fields["schedule"].annotation
-    assert SCHEDULE_NAMES == list(SCHEDULES) == list(get_args(get_args(annotation)[0]))
-
-
 def test_the_lead_schedule_changes_t2v_only(media, tiny, tmp_path):
     """T2V under "lead" runs another schedule; with a given frame the video already leads with it."""
     size = {"frames": 9, "height": 32, "width": 48, "steps": 4}

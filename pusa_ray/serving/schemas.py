@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskName = Literal["t2v", "i2v", "start-end", "keyframes", "extend", "complete", "transition"]
+from pusa_ray.names import ScheduleName, TaskName
+
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
 
@@ -80,7 +81,7 @@ class VideoRequest(Strict):
     steps: int | None = Field(default=None, ge=1, le=200)
     guidance: float | None = Field(default=None, ge=0.0, le=30.0)
     shift: float | None = Field(default=None, gt=0.0, le=100.0)
-    schedule: Literal["sync", "lead"] | None = None  # timesteps.SCHEDULES; None: the model's
+    schedule: ScheduleName | None = None  # None: the model's
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     fps: float | None = Field(default=None, gt=0.0, le=120.0)
     adapter: str | None = Field(default=None, min_length=1, max_length=1024)

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pusa_ray.cli.flags import add_generation_flags, parse_cond
 from pusa_ray.errors import UserInputError
 
 
@@ -27,7 +28,6 @@ def media(source: str) -> dict[str, str]:
 
 def request_body(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/videos body from `generate`-style flags."""
-    from pusa_ray.cli import parse_cond
 
     body: dict[str, Any] = {"task": args.task, "prompt": args.prompt, "seed": args.seed}
     fields = ("negative_prompt", "frames", "height", "width", "steps", "guidance", "shift", "schedule", "fps")
@@ -151,7 +151,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) 
     parser.add_argument("--api-key", default=key, help="default: $PUSA_RAY_API_KEY")
 
 
-def add_client_parser(commands: Any, add_generation_flags: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     client = commands.add_parser("client", help="talk to a running pusa-ray service over HTTP")
     _add_connection_flags(client, with_defaults=True)
     actions = client.add_subparsers(dest="action", required=True)

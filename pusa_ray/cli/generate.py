@@ -1,0 +1,68 @@
+"""`pusa-ray generate`: one video on this machine, for any task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pusa_ray.cli.flags import TASK_HELP, add_generation_flags, lora_pairs, parse_cond
+from pusa_ray.errors import UserInputError
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    gen = commands.add_parser(
+        "generate",
+        help="generate a video for any Pusa task",
+        epilog=TASK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_generation_flags(gen)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from pusa_ray import video
+    from pusa_ray.models.loading import apply_adapters, load_components
+    from pusa_ray.pipeline import generate, settings_from
+    from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
+
+    if args.out.suffix.lower() != ".mp4":
+        raise UserInputError(f"--out {str(args.out)!r} must end in .mp4")
+    adapters = lora_pairs(args.lora, args.lora_alpha)
+    components = load_components(args.model, device=args.device)
+    apply_adapters(components, adapters)
+    settings = settings_from(components, args)
+    shape = VideoShape(settings.frames, settings.height, settings.width, components.codec.temporal_factor)
+    inputs = TaskInputs(
+        task=args.task,
+        image=args.image,
+        end_image=args.end_image,
+        keyframes=tuple(parse_cond(text) for text in args.cond),
+        video=args.video,
+        end_video=args.end_video,
+        cond_frames=args.cond_frames,
+        end_frames=args.end_frames,
+        noise=args.noise,
+    )
+    conditions = build_conditions(inputs, shape)
+    with tqdm(total=settings.steps, desc="denoising", file=sys.stderr, disable=args.quiet) as bar:
+        result = generate(
+            components, args.prompt, conditions, settings, progress=lambda done, total: bar.update(1)
+        )
+    fps = args.fps or components.spec.fps
+    video.write_mp4(args.out, video.tensor_to_frames(result.video), fps)
+    if args.save_latents:
+        args.save_latents.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "model": components.model_id,
+            "settings": json.dumps(settings.__dict__),
+            "task": args.task,
+        }
+        save_file(
+            {"latents": result.latents.to(torch.float32).contiguous()}, str(args.save_latents), metadata
+        )
+    print(f"wrote {args.out} ({settings.frames} frames, {settings.width}x{settings.height}, {fps:g} fps)")
