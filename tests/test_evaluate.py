@@ -1,30 +1,17 @@
-"""jobs/evaluate.py: generation on a held-out set with the tiny preset, scoring, outputs and errors."""
+"""pusa_ray/mini/evaluate.py (jobs/evaluate.py): generation on a held-out set with the tiny preset,
+scoring, outputs and errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from pusa_ray.errors import UserInputError
-from pusa_ray.mini import metrics
+from pusa_ray.mini import evaluate, metrics
 from pusa_ray.mini.shapes import BACKGROUNDS, MOTIONS, DomainSettings
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load_job()
 TASKS = ["t2v", "i2v", "start-end"]
 
 

@@ -33,6 +33,8 @@ CORE_MODULES = [
     "pusa_ray.cli",
     "pusa_ray.mini.shapes",
     "pusa_ray.mini.metrics",
+    "pusa_ray.mini.evaluate",
+    "pusa_ray.mini.sample_data",
 ]
 
 # One fresh interpreter imports the modules in turn and records what each one brought in.
