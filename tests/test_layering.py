@@ -23,6 +23,7 @@ CORE_MODULES = [
     "pusa_ray.cli.client",
     "pusa_ray.cli.flags",
     "pusa_ray.names",
+    "pusa_ray.video_request",
     "pusa_ray.data.latents",
     "pusa_ray.training.config",
     "pusa_ray.training.data",

@@ -53,7 +53,7 @@ def test_sample_data_is_seeded_and_lists_batch_requests(sample: Path, tmp_path: 
     assert "wrote 5 captioned clips and 4 broken inputs" in capsys.readouterr().out
     for name in ("metadata.csv", "manifest.jsonl", "truth.jsonl", "prompts.jsonl"):
         assert (again / name).read_bytes() == (sample / name).read_bytes(), name
-    from pusa_ray.serving.schemas import VideoRequest
+    from pusa_ray.video_request import VideoRequest
 
     prompts = [json.loads(line) for line in (sample / "prompts.jsonl").read_text().splitlines()]
     for prompt in prompts:

@@ -1,6 +1,6 @@
 """Batch generation: many prompts/conditions from a JSONL file through Ray Data GPU actors to storage.
 
-Each input line is a request in the HTTP API's schema (`pusa_ray.serving.schemas.VideoRequest`),
+Each input line is a request in the HTTP API's schema (`pusa_ray.video_request.VideoRequest`),
 plus an optional `name`; media are s3:// URIs or inline base64. Outputs go to
 `{output}/{name}.mp4` and `{output}/{name}.safetensors` (the latents), with `results.jsonl`
 (one line per input: status, error, seconds) and a manifest written last. An item's video is
@@ -52,7 +52,7 @@ class BatchConfig(BaseModel):
 
 def read_requests(config: BatchConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Valid items `{name, request}` and result rows for the lines that are not valid requests."""
-    from pusa_ray.serving.schemas import VideoRequest
+    from pusa_ray.video_request import VideoRequest
 
     items, rejected, seen = [], [], set()
     for number, line in enumerate(storage.read_bytes(config.input).decode().splitlines(), start=1):
@@ -95,8 +95,7 @@ class Generate:
 
     def _generate(self, text: str, video_uri: str, latents_uri: str) -> None:
         from pusa_ray.pipeline import settings_from
-        from pusa_ray.serving.execute import run_request, write_outputs
-        from pusa_ray.serving.schemas import VideoRequest
+        from pusa_ray.video_request import VideoRequest, run_request, write_outputs
 
         request = VideoRequest.model_validate_json(text)
         settings = settings_from(self.components, request)

@@ -9,68 +9,19 @@ steps.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
-from safetensors.torch import save as save_safetensors
-
-from pusa_ray import storage, video
+from pusa_ray import storage
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import Components
-from pusa_ray.pipeline import Generation, SamplingSettings, generate, settings_from
-from pusa_ray.sampler import GenerationCancelled, ProgressCallback
+from pusa_ray.pipeline import settings_from
+from pusa_ray.sampler import GenerationCancelled
 from pusa_ray.serving.jobs import OUTPUTS, JobStore, State, Superseded
-from pusa_ray.serving.schemas import Media, VideoRequest
-from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
+from pusa_ray.video_request import VideoRequest, run_request, write_outputs
 
 logger = logging.getLogger("pusa_ray.serving")
-
-
-def task_inputs(request: VideoRequest) -> TaskInputs:
-    """The request's media as task inputs: s3:// URIs by reference, inline data as bytes."""
-
-    def source(media: Media | None) -> str | bytes | None:
-        if media is None:
-            return None
-        return media.uri if media.uri is not None else media.decoded()
-
-    return TaskInputs(
-        task=request.task,
-        image=source(request.image),
-        end_image=source(request.end_image),
-        keyframes=tuple((frame.position, source(frame.image), frame.noise) for frame in request.keyframes),
-        video=source(request.video),
-        end_video=source(request.end_video),
-        cond_frames=request.cond_frames,
-        end_frames=request.end_frames,
-        noise=tuple(request.noise) if request.noise else None,
-    )
-
-
-def run_request(
-    components: Components,
-    request: VideoRequest,
-    settings: SamplingSettings,
-    progress: ProgressCallback | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> Generation:
-    """Load the request's media, build its conditions and sample: the service's and batch job's core."""
-    shape = VideoShape(settings.frames, settings.height, settings.width, components.codec.temporal_factor)
-    conditions = build_conditions(task_inputs(request), shape)
-    return generate(components, request.prompt, conditions, settings, progress, should_cancel)
-
-
-def write_outputs(result: Generation, fps: float, video_uri: str, latents_uri: str) -> None:
-    """The latents (safetensors, tensor `latents`), then the mp4: a video in storage marks the pair done."""
-    storage.write_bytes(latents_uri, save_safetensors({"latents": result.latents.float().contiguous()}))
-    with tempfile.TemporaryDirectory() as scratch:
-        local = Path(scratch) / "video.mp4"
-        video.write_mp4(local, video.tensor_to_frames(result.video), fps)
-        storage.upload_file(local, video_uri)
 
 
 class Reporter:

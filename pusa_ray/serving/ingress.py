@@ -34,11 +34,11 @@ from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import describe_model
 from pusa_ray.serving.dispatch import Dispatcher, DispatchSettings, log_event
 from pusa_ray.serving.errors import ApiError, field_of, install_error_handlers
-from pusa_ray.serving.execute import task_inputs
 from pusa_ray.serving.jobs import TERMINAL_STATES, JobStore, Record, State, job_status, new_job_id
-from pusa_ray.serving.schemas import JobList, JobView, Media, VideoRequest
+from pusa_ray.serving.schemas import JobList, JobView
 from pusa_ray.serving.settings import ServiceSettings
 from pusa_ray.tasks import VideoShape, validate_inputs
+from pusa_ray.video_request import Media, VideoRequest, task_inputs
 
 STORAGE_THREADS = 32  # blocking storage calls of one ingress; a stalled endpoint must not starve it
 HEALTH_PROBE_S = 2.0  # /healthz waits at most this long on storage
