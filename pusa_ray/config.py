@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from pusa_ray.errors import UserInputError
 
@@ -247,34 +247,31 @@ MINI = dataclasses.replace(
     defaults={**MINI_BASE.defaults, "schedule": "lead"},
 )
 
+
+def _wan_preset(name: str, heads: int, ffn_dim: int, layers: int) -> ModelSpec:
+    """A Wan2.1 T2V release: its DiT shape, Wan's VAE and UMT5-XXL, 81 frames at 480x832, 16 fps,
+    and Pusa's sampling defaults (10 steps, guidance 3, shift 5)."""
+    return ModelSpec(
+        name=name,
+        transformer=_wan_dit(heads=heads, ffn_dim=ffn_dim, layers=layers),
+        vae=_WAN_VAE,
+        text_encoder=_UMT5_XXL,
+        frames=81,
+        height=480,
+        width=832,
+        fps=16,
+        defaults={"steps": 10, "guidance": 3.0, "shift": 5.0},
+    )
+
+
 PRESETS: dict[str, ModelSpec] = {
     "tiny": TINY,
     "tiny-wide": TINY_WIDE,
     "pusa-mini-scratch": MINI_SCRATCH,
     "pusa-mini-base": MINI_BASE,
     "pusa-mini": MINI,
-    "wan2.1-t2v-1.3b": ModelSpec(
-        name="wan2.1-t2v-1.3b",
-        transformer=_wan_dit(heads=12, ffn_dim=8960, layers=30),
-        vae=_WAN_VAE,
-        text_encoder=_UMT5_XXL,
-        frames=81,
-        height=480,
-        width=832,
-        fps=16,
-        defaults={"steps": 10, "guidance": 3.0, "shift": 5.0},
-    ),
-    "wan2.1-t2v-14b": ModelSpec(
-        name="wan2.1-t2v-14b",
-        transformer=_wan_dit(heads=40, ffn_dim=13824, layers=40),
-        vae=_WAN_VAE,
-        text_encoder=_UMT5_XXL,
-        frames=81,
-        height=480,
-        width=832,
-        fps=16,
-        defaults={"steps": 10, "guidance": 3.0, "shift": 5.0},
-    ),
+    "wan2.1-t2v-1.3b": _wan_preset("wan2.1-t2v-1.3b", heads=12, ffn_dim=8960, layers=30),
+    "wan2.1-t2v-14b": _wan_preset("wan2.1-t2v-14b", heads=40, ffn_dim=13824, layers=40),
 }
 
 
@@ -330,6 +327,17 @@ StorageUri = Annotated[str, AfterValidator(check_storage_uri)]
 PlainName = Annotated[str, AfterValidator(check_plain_name)]
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """The base of every typed config and request: unknown keys are errors, values immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def load_config(model: type[ConfigT], path: str | os.PathLike[str], what: str) -> ConfigT:
+    """Read a YAML config file and validate it against `model` (see `validate_config`)."""
+    return validate_config(model, read_yaml(path), str(path), what)
 
 
 def validate_config(model: type[ConfigT], data: Any, source: str, what: str) -> ConfigT:

@@ -822,13 +822,19 @@ def _describe_local_files(root: Path, files: Mapping[str, _ObjectInfo]) -> list[
     return [FileEntry(relative, info.size, _sha256(root / relative)) for relative, info in files.items()]
 
 
-def _sha256(location: _Location) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The hex SHA-256 of a local file, read in chunks."""
     digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256(location: _Location) -> str:
     if isinstance(location, Path):
-        with open(location, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_file(location)
+    digest = hashlib.sha256()
     with _s3_errors(location.uri):
         body = s3_client().get_object(Bucket=location.bucket, Key=location.key)["Body"]
         for chunk in body.iter_chunks(_CHUNK):

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from pusa_ray.config import StrictModel
 from pusa_ray.names import ScheduleName, TaskName
 
 if TYPE_CHECKING:
@@ -25,11 +26,7 @@ if TYPE_CHECKING:
     from pusa_ray.tasks import TaskInputs
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Media(Strict):
+class Media(StrictModel):
     """An image or clip: exactly one of `data` (base64) or `uri` (s3://, within the allowed prefixes)."""
 
     data: str | None = Field(default=None, description="base64-encoded file bytes")
@@ -63,13 +60,13 @@ class Media(Strict):
         return value
 
 
-class Keyframe(Strict):
+class Keyframe(StrictModel):
     position: str = Field(max_length=16, description="latent index (e.g. '10', '-1') or pixel frame 'f:40'")
     image: Media
     noise: float = Field(ge=0.0, le=1.0)
 
 
-class VideoRequest(Strict):
+class VideoRequest(StrictModel):
     """POST /v1/videos."""
 
     task: TaskName = "t2v"

@@ -194,19 +194,6 @@ def test_a_missing_latents_uri_is_named() -> None:
         parse_config(settings)
 
 
-def test_the_training_core_imports_no_ray() -> None:
-    modules = ["pusa_ray.training.config", "pusa_ray.training.data", "pusa_ray.training.model"]
-    modules.append("pusa_ray.training.objective")
-    probe = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]; " + (
-        "print([m for m in ('ray', 'deepspeed') if m in sys.modules])"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, *modules], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
-
-
 # ----------------------------------------------------------------------------------------------
 # Data order, objective, schedule
 

@@ -1,7 +1,6 @@
 """Video and image I/O against real files written to tmp_path: round trips, resizing and errors."""
 
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -399,8 +398,3 @@ def test_bad_bytes_are_named_bytes_in_the_error(reader, data: bytes):
 def test_directory_is_not_a_video(tmp_path: Path):
     with pytest.raises(ValueError, match="not a regular file"):
         read_video(tmp_path)
-
-
-def test_video_module_does_not_import_ray():
-    code = "import sys, pusa_ray.video; sys.exit('ray' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -27,7 +27,6 @@ Nothing here imports Ray.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import io
 import json
 import math
@@ -232,14 +231,6 @@ def conform_shard_table(table: pa.Table) -> pa.Table:
     return table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_shard(table: pa.Table, dataset_uri: str, path: str, run: str = "") -> ShardInfo:
     """Write the records of ``table`` as the shard ``path`` of the dataset, then its sidecar.
 
@@ -260,7 +251,7 @@ def write_shard(table: pa.Table, dataset_uri: str, path: str, run: str = "") -> 
             use_dictionary=["latents_dtype", "context_dtype"],
             write_statistics=_STATISTICS,
         )
-        info = ShardInfo(path, local.stat().st_size, _sha256_file(local), keys, run)
+        info = ShardInfo(path, local.stat().st_size, storage.sha256_file(local), keys, run)
         storage.upload_file(local, storage.join(dataset_uri, path))
     storage.write_bytes(storage.join(dataset_uri, path + SIDECAR_SUFFIX), info.to_json())
     return info

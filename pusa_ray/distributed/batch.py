@@ -22,23 +22,20 @@ from typing import Any
 import numpy as np
 import ray
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from pusa_ray import storage
-from pusa_ray.config import check_plain_name
+from pusa_ray.config import StrictModel, check_plain_name
 from pusa_ray.errors import UserInputError
 
 
-class AdapterRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AdapterRef(StrictModel):
     uri: str
     alpha: float = Field(default=1.4, ge=0.0, le=4.0)
 
 
-class BatchConfig(BaseModel):
+class BatchConfig(StrictModel):
     """The job's YAML; unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="JSONL of requests, local or s3://")
     output: str = Field(description="output prefix, local or s3://")

@@ -58,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pusa_ray import storage, video
 from pusa_ray.conditioning import latents_for_frames
@@ -67,10 +67,11 @@ from pusa_ray.config import (
     TEXT_LENGTH,
     ModelSpec,
     StorageUri,
+    StrictModel,
     get_preset,
-    read_yaml,
     validate_config,
 )
+from pusa_ray.config import load_config as load_yaml_config
 from pusa_ray.data.latents import (
     DATASET_KIND,
     ERRORS_NAME,
@@ -123,11 +124,7 @@ TensorDtype = Literal["float32", "float16", "bfloat16"]
 # Configuration
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PoolResources(_Strict):
+class PoolResources(StrictModel):
     """One actor pool: how many actors, what each reserves, how many clips per call."""
 
     actors: int = Field(default=1, ge=1)
@@ -143,7 +140,7 @@ class PoolResources(_Strict):
         return self.torch_threads or max(1, math.floor(self.num_cpus))
 
 
-class WriterResources(_Strict):
+class WriterResources(StrictModel):
     """The shard writers: long-lived actors, so no task pays the imports again (I/O bound)."""
 
     actors: int = Field(default=1, ge=1)
@@ -151,7 +148,7 @@ class WriterResources(_Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="custom resources per actor")
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     decode: PoolResources = PoolResources()
     vae: PoolResources = PoolResources()
     text: PoolResources = PoolResources(batch_size=8)
@@ -166,7 +163,7 @@ class Resources(_Strict):
         return value
 
 
-class InputConfig(_Strict):
+class InputConfig(StrictModel):
     """Where the clips are: a manifest file or a folder, local or s3://."""
 
     uri: StorageUri
@@ -178,7 +175,7 @@ class InputConfig(_Strict):
     video_extensions: tuple[str, ...] = VIDEO_EXTENSIONS
 
 
-class PreprocessConfig(_Strict):
+class PreprocessConfig(StrictModel):
     """The job's YAML: inputs, output, model and encoding settings, resources. Unknown keys are errors."""
 
     input: InputConfig
@@ -234,7 +231,7 @@ def parse_config(data: Any, source: str = "config") -> PreprocessConfig:
 
 def load_config(path: str | os.PathLike[str]) -> PreprocessConfig:
     """Read and validate a YAML config file."""
-    return parse_config(read_yaml(path), source=str(path))
+    return load_yaml_config(PreprocessConfig, path, "preprocess")
 
 
 # ----------------------------------------------------------------------------------------------

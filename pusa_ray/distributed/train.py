@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -558,19 +557,11 @@ def _zero_partitions(worker: Worker) -> dict[str, Any]:
 # Worker: checkpoints
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _describe_files(root: Path, rank: int) -> list[dict[str, Any]]:
     entries = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root).as_posix()
-        digest = _sha256(path)  # hashed locally: committing costs no S3 reads
+        digest = storage.sha256_file(path)  # hashed locally: committing costs no S3 reads
         entries.append({"path": relative, "size": path.stat().st_size, "sha256": digest, "rank": rank})
     return entries
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from pusa_ray.config import StrictModel
 
 
-class Limits(BaseModel):
+class Limits(StrictModel):
     """Bounds on what one request may ask for (beyond the schema's hard bounds)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_frames: int = Field(default=161, ge=1, description="pixel frames of one video")
     max_pixels: int = Field(default=1280 * 720, ge=256, description="height * width")
@@ -19,10 +19,8 @@ class Limits(BaseModel):
     max_media_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="one image or clip")
 
 
-class ServiceSettings(BaseModel):
+class ServiceSettings(StrictModel):
     """Everything the ingress and the generator need; unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default="tiny", description="preset, model directory or s3:// URI")
     device: str | None = Field(default=None, description="cpu / cuda; default: cuda if available")

@@ -12,10 +12,11 @@ import os
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from pusa_ray import config
 from pusa_ray.checkpoints.lora import PUSA_TARGET_MODULES
-from pusa_ray.config import PlainName, StorageUri, read_yaml, validate_config
+from pusa_ray.config import PlainName, StorageUri, StrictModel, validate_config
 from pusa_ray.timesteps import sample_training_sigmas
 
 __all__ = [
@@ -35,11 +36,7 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSettings(_Strict):
+class ModelSettings(StrictModel):
     """The base model: a preset name, a model directory (diffusers Wan layout) or an s3:// URI."""
 
     base: str = "tiny"
@@ -49,7 +46,7 @@ class ModelSettings(_Strict):
     )
 
 
-class LoraSettings(_Strict):
+class LoraSettings(StrictModel):
     """The adapter: peft LoRA on the diffusers DiT; scale = alpha / rank (the paper: 512 / 512)."""
 
     rank: int = Field(default=512, ge=1)
@@ -58,7 +55,7 @@ class LoraSettings(_Strict):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
-class OptimizerSettings(_Strict):
+class OptimizerSettings(StrictModel):
     """torch AdamW (DeepSpeed's client optimizer) with a linear warm-up, then a constant rate."""
 
     lr: float = Field(default=1e-5, gt=0)
@@ -77,7 +74,7 @@ class OptimizerSettings(_Strict):
         return value
 
 
-class TimestepSettings(_Strict):
+class TimestepSettings(StrictModel):
     """Training-time per-frame timesteps (see `pusa_ray.timesteps.sample_training_sigmas`)."""
 
     p_async: float = Field(default=1.0, ge=0.0, le=1.0, description="1: independent per frame (Pusa)")
@@ -112,7 +109,7 @@ class TimestepSettings(_Strict):
         )
 
 
-class SampleVideoSettings(_Strict):
+class SampleVideoSettings(StrictModel):
     """Fixed-seed sample videos written into each checkpoint (rank 0)."""
 
     prompts: tuple[str, ...] = Field(min_length=1)
@@ -125,7 +122,7 @@ class SampleVideoSettings(_Strict):
     seed: int = 0
 
 
-class ValidationSettings(_Strict):
+class ValidationSettings(StrictModel):
     """A fixed probe set (records, noise and per-frame timesteps from `seed`) and its loss."""
 
     every: int = Field(default=50, ge=1, description="steps between probe losses")
@@ -135,7 +132,7 @@ class ValidationSettings(_Strict):
     videos: SampleVideoSettings | None = None
 
 
-class ScalingSettings(_Strict):
+class ScalingSettings(StrictModel):
     """Ray Train workers: one DeepSpeed rank each."""
 
     workers: int = Field(default=1, ge=1)
@@ -158,12 +155,12 @@ class ScalingSettings(_Strict):
         return value
 
 
-class CheckpointSettings(_Strict):
+class CheckpointSettings(StrictModel):
     every: int = Field(default=100, ge=1, description="steps between checkpoints (and at the end)")
     num_to_keep: int | None = Field(default=3, ge=1, description="null: keep all")
 
 
-class RunSettings(_Strict):
+class RunSettings(StrictModel):
     """Where the run lives: `{storage_path}/{name}/`. Same name + storage path = resume."""
 
     name: PlainName
@@ -172,7 +169,7 @@ class RunSettings(_Strict):
     seed: int = 0
 
 
-class ExportSettings(_Strict):
+class ExportSettings(StrictModel):
     """The final result at a stable URI: `{prefix}/{name}/adapter.safetensors` (LoRA, what
     `pusa-ray generate --lora` and the Serve app read) or a model directory `{prefix}/{name}/`."""
 
@@ -180,7 +177,7 @@ class ExportSettings(_Strict):
     name: PlainName
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """The training job's YAML. See jobs/configs/train.*.yaml and docs/training.md."""
 
     latents: StorageUri = Field(description="the committed latent dataset (preprocessing output)")
@@ -241,4 +238,4 @@ def parse_config(data: Any, source: str = "config") -> TrainConfig:
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read and validate a YAML config file."""
-    return parse_config(read_yaml(path), source=str(path))
+    return config.load_config(TrainConfig, path, "train")
