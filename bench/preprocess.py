@@ -30,6 +30,11 @@ import torch
 from pusa_ray import video
 from pusa_ray.data.latents import encode_prompts_unpadded, tensor_to_bytes, write_shard
 from pusa_ray.distributed import preprocess
+from pusa_ray.preprocessing import commit as committing
+from pusa_ray.preprocessing import config as prep_config
+from pusa_ray.preprocessing import decode as decoding
+from pusa_ray.preprocessing import model as prep_model
+from pusa_ray.preprocessing import plan as planning
 
 
 def make_clips(folder: Path, count: int, frames: int, size: int) -> None:
@@ -49,8 +54,8 @@ def make_clips(folder: Path, count: int, frames: int, size: int) -> None:
 
 def make_config(
     raw: Path, output: Path, frames: int, size: int, vae_actors: int
-) -> preprocess.PreprocessConfig:
-    return preprocess.parse_config(
+) -> prep_config.PreprocessConfig:
+    return prep_config.parse_config(
         {
             "input": str(raw),
             "output": str(output),
@@ -69,17 +74,17 @@ def make_config(
     )
 
 
-def plain_loop(config: preprocess.PreprocessConfig) -> tuple[float, list[float]]:
+def plain_loop(config: prep_config.PreprocessConfig) -> tuple[float, list[float]]:
     """Everything in this process, one clip at a time: (wall seconds, time of each shard written)."""
     started = time.perf_counter()
-    model = preprocess.describe_model(config.model)
-    todo = preprocess.plan(config, model).todo
+    model = prep_model.describe_model(config.model)
+    todo = planning.plan(config, model).todo
     device = torch.device("cpu")
-    codec = preprocess.load_codec(config.model, device)
-    tokenizer, encoder, length = preprocess.load_text_encoder(config.model, device)
+    codec = prep_model.load_codec(config.model, device)
+    tokenizer, encoder, length = prep_model.load_text_encoder(config.model, device)
     stamps = []
     for clip in todo:
-        frames = preprocess.prepare_clip(
+        frames = decoding.prepare_clip(
             clip.uri,
             clip.start,
             config.frames,
@@ -110,16 +115,16 @@ def plain_loop(config: preprocess.PreprocessConfig) -> tuple[float, list[float]]
     return time.perf_counter() - started, stamps
 
 
-def ray_job(config: preprocess.PreprocessConfig) -> tuple[float, list[float]]:
+def ray_job(config: prep_config.PreprocessConfig) -> tuple[float, list[float]]:
     """The job's own plan -> pipeline -> commit, timing each shard as the driver receives it."""
     started = time.perf_counter()
-    model = preprocess.describe_model(config.model)
-    planned = preprocess.plan(config, model)
+    model = prep_model.describe_model(config.model)
+    planned = planning.plan(config, model)
     run = preprocess.new_run_id()
     stamps = [
         time.perf_counter() for _ in preprocess.build_pipeline(config, planned.todo, model, run).iter_rows()
     ]
-    preprocess.commit(config, model, planned, run, len(stamps), time.perf_counter() - started)
+    committing.commit(config, model, planned, run, len(stamps), time.perf_counter() - started)
     return time.perf_counter() - started, stamps
 
 

@@ -34,8 +34,11 @@ import torch
 
 from pusa_ray import storage
 from pusa_ray.data.latents import tensor_to_bytes, write_shard
-from pusa_ray.distributed import preprocess
 from pusa_ray.distributed import train as job
+from pusa_ray.preprocessing import commit as committing
+from pusa_ray.preprocessing import config as prep_config
+from pusa_ray.preprocessing import model as prep_model
+from pusa_ray.preprocessing import plan as planning
 from pusa_ray.training.config import TrainConfig, load_config
 from pusa_ray.training.data import DataLayout, load_batch, split_records
 from pusa_ray.training.model import build_training_model, trainable_parameters
@@ -69,12 +72,12 @@ def make_dataset(output: str, clips: int) -> str:
         }
     )
     write_shard(table, output, "shards/bench.parquet", "bench")
-    config = preprocess.parse_config(
+    config = prep_config.parse_config(
         {"input": "/unused", "output": output, "frames": FRAMES, "height": SIZE, "width": SIZE}
     )
-    planned = [preprocess.PlannedClip(key, f"/raw/{key}.mp4", f"caption {key}", 0.0, 1, "1") for key in keys]
-    plan = preprocess.Plan(clips=planned, todo=[], errors=[], already_present=0, duplicates=0)
-    preprocess.commit(config, preprocess.describe_model("tiny"), plan, "bench", 0, 1.0)
+    planned = [planning.PlannedClip(key, f"/raw/{key}.mp4", f"caption {key}", 0.0, 1, "1") for key in keys]
+    plan = planning.Plan(clips=planned, todo=[], errors=[], already_present=0, duplicates=0)
+    committing.commit(config, prep_model.describe_model("tiny"), plan, "bench", 0, 1.0)
     return output
 
 

@@ -258,7 +258,7 @@ def test_the_shipped_gpu_workflow_configs_agree_on_every_uri():
 
 def test_the_preprocessing_job_brings_up_one_training_node_not_serving_nodes():
     """Ray's bin-packing over cluster.yaml's node types, fed the shipped GPU preprocessing config's actors."""
-    from pusa_ray.distributed.preprocess import load_config
+    from pusa_ray.preprocessing.config import load_config
 
     config = load_config(REPO / "jobs/configs/preprocess.wan14b.yaml")
     demands = []

@@ -27,10 +27,13 @@ from pusa_ray.data.latents import (
     tensor_to_bytes,
     write_shard,
 )
-from pusa_ray.distributed import preprocess
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import load_components
 from pusa_ray.models.text import encode_prompts
+from pusa_ray.preprocessing import commit as committing
+from pusa_ray.preprocessing import config as prep_config
+from pusa_ray.preprocessing import model as prep_model
+from pusa_ray.preprocessing import plan as planning
 from pusa_ray.storage import CorruptDataError, UncommittedError
 
 LATENT_SHAPE = (16, 5, 4, 6)  # tiny preset, 17 frames at 32x48
@@ -120,22 +123,22 @@ def _records(keys: list[str], seed: int, dtype: str = "float32") -> pa.Table:
     )
 
 
-def _config(output: str, **overrides) -> preprocess.PreprocessConfig:
+def _config(output: str, **overrides) -> prep_config.PreprocessConfig:
     settings = {"input": "/unused", "output": output, "frames": 17, "height": 32, "width": 48}
-    return preprocess.parse_config({**settings, **overrides})
+    return prep_config.parse_config({**settings, **overrides})
 
 
-def _plan(keys: list[str]) -> preprocess.Plan:
+def _plan(keys: list[str]) -> planning.Plan:
     clips = [
-        preprocess.PlannedClip(key, f"s3://raw/{key}.mp4", f"caption of {key}", 0.5, 100, "etag")
+        planning.PlannedClip(key, f"s3://raw/{key}.mp4", f"caption of {key}", 0.5, 100, "etag")
         for key in keys
     ]
-    return preprocess.Plan(clips=clips, todo=[], errors=[], already_present=0, duplicates=0)
+    return planning.Plan(clips=clips, todo=[], errors=[], already_present=0, duplicates=0)
 
 
-def _commit(output: str, keys: list[str], **overrides) -> preprocess.Summary:
+def _commit(output: str, keys: list[str], **overrides) -> committing.Summary:
     config = _config(output, **overrides)
-    return preprocess.commit(config, preprocess.describe_model("tiny"), _plan(keys), "run-2", 0, 1.0)
+    return committing.commit(config, prep_model.describe_model("tiny"), _plan(keys), "run-2", 0, 1.0)
 
 
 def test_dataset_reads_back_what_was_written(store: str) -> None:

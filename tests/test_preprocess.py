@@ -24,10 +24,16 @@ from pusa_ray import storage, video
 from pusa_ray.config import get_preset
 from pusa_ray.data.latents import LatentDataset
 from pusa_ray.distributed import preprocess
-from pusa_ray.distributed.preprocess import ClipError, load_config, main, parse_config
+from pusa_ray.distributed.preprocess import main
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import load_components, save_model_dir
 from pusa_ray.models.text import encode_prompts
+from pusa_ray.preprocessing import config as prep_config
+from pusa_ray.preprocessing import decode as decoding
+from pusa_ray.preprocessing import model as prep_model
+from pusa_ray.preprocessing import plan as planning
+from pusa_ray.preprocessing.config import load_config, parse_config
+from pusa_ray.preprocessing.decode import ClipError
 from tests.serve_helpers import moving_square
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +92,7 @@ def test_defaults_follow_the_issue() -> None:
     config = parse_config({"input": "s3://bucket/raw/", "output": "s3://bucket/latents"})
     assert (config.frames, config.fps, config.height, config.width) == (81, 16, 480, 832)
     assert config.max_crop_discard == 0.5 and config.input.uri == "s3://bucket/raw/"
-    again = preprocess.PreprocessConfig.model_validate(config.model_dump(mode="json"))
+    again = prep_config.PreprocessConfig.model_validate(config.model_dump(mode="json"))
     assert again == config  # what crosses to the Ray workers validates to the same config
 
 
@@ -119,7 +125,7 @@ def test_bad_configs_fail_with_clear_messages(change: dict, message: str) -> Non
     ],
 )
 def test_the_models_codec_sets_the_frame_and_size_rules(model: str, video: tuple, message: str) -> None:
-    described = preprocess.describe_model(model)
+    described = prep_model.describe_model(model)
     with pytest.raises(UserInputError, match=message):
         described.check_video(*video)
     described.check_video(17, 64, 64)  # valid for both: 1 + 4k frames, multiples of 16
@@ -158,9 +164,9 @@ def _clip_files(folder: Path, names: list[str]) -> None:
         video.write_mp4(folder / name, moving_square(FRAMES, HEIGHT, WIDTH, index), 16)
 
 
-def _plan(settings: dict) -> preprocess.Plan:
+def _plan(settings: dict) -> planning.Plan:
     config = parse_config(settings)
-    return preprocess.plan(config, preprocess.describe_model(config.model))
+    return planning.plan(config, prep_model.describe_model(config.model))
 
 
 def test_manifests_jsonl_and_csv_resolve_paths_and_report_bad_rows(tmp_path: Path) -> None:
@@ -241,30 +247,30 @@ def test_keys_follow_content_start_caption_and_encoding_settings(tmp_path: Path)
 
 
 def test_frames_are_sampled_at_the_target_rate_from_the_start_time() -> None:
-    assert preprocess.source_frame_indices(0.0, 5, 16, 16).tolist() == [0, 1, 2, 3, 4]
-    assert preprocess.source_frame_indices(0.5, 5, 16, 30).tolist() == [15, 16, 18, 20, 22]
-    assert preprocess.source_frame_indices(0.0, 5, 16, 8).tolist() == [0, 0, 1, 1, 2]  # slower source
+    assert decoding.source_frame_indices(0.0, 5, 16, 16).tolist() == [0, 1, 2, 3, 4]
+    assert decoding.source_frame_indices(0.5, 5, 16, 30).tolist() == [15, 16, 18, 20, 22]
+    assert decoding.source_frame_indices(0.0, 5, 16, 8).tolist() == [0, 0, 1, 1, 2]  # slower source
 
 
 def test_prepare_clip_samples_crops_and_rejects(tmp_path: Path) -> None:
     path = tmp_path / "count.mp4"
     video.write_mp4(path, counting_clip(40, 48, 64), fps=30)
-    clip = preprocess.prepare_clip(path, 0.5, 9, 16.0, 32, 48, 0.5)  # [9, 32, 48, 3]
+    clip = decoding.prepare_clip(path, 0.5, 9, 16.0, 32, 48, 0.5)  # [9, 32, 48, 3]
     assert clip.shape == (9, 32, 48, 3) and clip.dtype == np.uint8
-    expected = 8 + 4 * preprocess.source_frame_indices(0.5, 9, 16, 30)
+    expected = 8 + 4 * decoding.source_frame_indices(0.5, 9, 16, 30)
     assert np.abs(clip.reshape(9, -1).mean(axis=1) - expected).max() < 2  # the right source frames
 
     with pytest.raises(ClipError, match="need 53 frames at 30 fps; the video has 40") as error:
-        preprocess.prepare_clip(path, 0.75, 17, 16.0, 32, 48, 0.5)
+        decoding.prepare_clip(path, 0.75, 17, 16.0, 32, 48, 0.5)
     assert error.value.kind == "too_short" and error.value.permanent
     discard = video.crop_discard_fraction(48, 64, 32, 96)
     with pytest.raises(ClipError, match=f"would discard {discard:.0%} of it") as error:
-        preprocess.prepare_clip(path, 0.0, 9, 16.0, 32, 96, 0.5)
+        decoding.prepare_clip(path, 0.0, 9, 16.0, 32, 96, 0.5)
     assert error.value.kind == "crop" and error.value.details == {"crop_discard": round(discard, 6)}
-    assert preprocess.prepare_clip(path, 0.0, 9, 16.0, 32, 96, 0.6).shape == (9, 32, 96, 3)
+    assert decoding.prepare_clip(path, 0.0, 9, 16.0, 32, 96, 0.6).shape == (9, 32, 96, 3)
     (tmp_path / "text.mp4").write_text("not a video at all")
     with pytest.raises(ClipError, match="cannot read video") as error:
-        preprocess.prepare_clip(tmp_path / "text.mp4", 0.0, 9, 16.0, 32, 48, 0.5)
+        decoding.prepare_clip(tmp_path / "text.mp4", 0.0, 9, 16.0, 32, 48, 0.5)
     assert error.value.kind == "unreadable"
 
 
@@ -277,15 +283,15 @@ def test_actors_load_only_their_part_of_an_s3_model(s3_bucket: str, tmp_path: Pa
     monkeypatch.setenv("PUSA_RAY_CACHE", str(tmp_path / "cache"))
     tiny = load_components("tiny", device="cpu")
     model = save_model_dir(tiny, f"{s3_bucket}/models/tiny")
-    described, preset = preprocess.describe_model(model), preprocess.describe_model("tiny")
+    described, preset = prep_model.describe_model(model), prep_model.describe_model("tiny")
     assert described.architecture == preset.architecture == get_preset("tiny").architecture
     assert described.vae == preset.vae and described.text_encoder["dim"] == 32
     assert described.fingerprint != preset.fingerprint
 
-    codec = preprocess.load_codec(model, torch.device("cpu"))
+    codec = prep_model.load_codec(model, torch.device("cpu"))
     pixels = video.frames_to_tensor(moving_square(FRAMES, HEIGHT, WIDTH, 1))[None]  # [1, 3, F, H, W]
     assert torch.allclose(codec.encode(pixels), tiny.codec.encode(pixels), atol=1e-6)
-    tokenizer, encoder, length = preprocess.load_text_encoder(model, torch.device("cpu"))
+    tokenizer, encoder, length = prep_model.load_text_encoder(model, torch.device("cpu"))
     ours = encode_prompts(tokenizer, encoder, ["a cat"], length)
     assert torch.allclose(ours, encode_prompts(tiny.tokenizer, tiny.text_encoder, ["a cat"]), atol=1e-6)
     fetched = {path.relative_to(tmp_path / "cache").parts[3] for path in (tmp_path / "cache").rglob("*.*")}

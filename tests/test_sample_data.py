@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from pusa_ray.cli import main as cli_main
-from pusa_ray.distributed import preprocess
 from pusa_ray.mini.sample_data import BAD
+from pusa_ray.preprocessing import config as prep_config
+from pusa_ray.preprocessing import decode as decoding
+from pusa_ray.preprocessing import model as prep_model
+from pusa_ray.preprocessing import plan as planning
 from tests.cluster_helpers import derive
 
 COUNT = 5
@@ -30,15 +33,15 @@ def test_every_layout_reads_back_with_the_expected_good_and_bad_clips(sample: Pa
     settings = derive(
         "jobs/configs/preprocess.tiny.yaml", {"input.uri": str(uri), "output": str(tmp_path / "o")}
     )
-    config = preprocess.parse_config(settings)
-    plan = preprocess.plan(config, preprocess.describe_model(config.model))
+    config = prep_config.parse_config(settings)
+    plan = planning.plan(config, prep_model.describe_model(config.model))
 
     kinds = Counter(error["kind"] for error in plan.errors)  # found while listing
     good = 0
     for clip in plan.todo:  # what the decode actors do with each planned clip
         try:
-            pixels = preprocess._decode_row(clip.row(), config)
-        except preprocess.ClipError as error:
+            pixels = decoding.decode_row(clip.row(), config)
+        except decoding.ClipError as error:
             kinds[error.kind] += 1
             continue
         assert pixels.shape == (config.frames, config.height, config.width, 3)

@@ -32,11 +32,14 @@ from pusa_ray import storage, video
 from pusa_ray.checkpoints.adapters import list_adapters
 from pusa_ray.checkpoints.lora import PUSA_TARGET_MODULES, load_adapter
 from pusa_ray.data.latents import LatentDataset, encode_prompts_unpadded, tensor_to_bytes, write_shard
-from pusa_ray.distributed import preprocess
 from pusa_ray.distributed import train as dtrain
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import apply_adapters, load_components
 from pusa_ray.pipeline import default_settings, generate
+from pusa_ray.preprocessing import commit as committing
+from pusa_ray.preprocessing import config as prep_config
+from pusa_ray.preprocessing import model as prep_model
+from pusa_ray.preprocessing import plan as planning
 from pusa_ray.training.config import TimestepSettings, TrainConfig, load_config, parse_config
 from pusa_ray.training.data import DataLayout, build_probe_set, load_batch, split_records
 from pusa_ray.training.model import build_training_model, export_adapter, trainable_parameters
@@ -91,16 +94,15 @@ def records() -> pa.Table:
 def write_dataset(records: pa.Table, output: str) -> str:
     """Commit `records` as a latent dataset through the preprocessing job's own writer and commit."""
     write_shard(records, output, "shards/run-1-a.parquet", "run-1")
-    config = preprocess.parse_config(
+    config = prep_config.parse_config(
         {"input": "/unused", "output": output, "frames": FRAMES, "height": HEIGHT, "width": WIDTH}
     )
     keys, captions = records.column("key").to_pylist(), records.column("caption").to_pylist()
     clips = [
-        preprocess.PlannedClip(k, f"/raw/{k}.mp4", c, 0.0, 1, "1")
-        for k, c in zip(keys, captions, strict=True)
+        planning.PlannedClip(k, f"/raw/{k}.mp4", c, 0.0, 1, "1") for k, c in zip(keys, captions, strict=True)
     ]
-    plan = preprocess.Plan(clips=clips, todo=[], errors=[], already_present=0, duplicates=0)
-    preprocess.commit(config, preprocess.describe_model("tiny"), plan, "run-1", 0, 1.0)
+    plan = planning.Plan(clips=clips, todo=[], errors=[], already_present=0, duplicates=0)
+    committing.commit(config, prep_model.describe_model("tiny"), plan, "run-1", 0, 1.0)
     return output
 
 
@@ -145,7 +147,7 @@ def test_shipped_configs_parse() -> None:
     assert small.scaling.gpus_per_worker == 1 and small.precision == "bf16"
     tiny = load_config(REPO / "jobs/configs/train.tiny.yaml")
     assert tiny.model.base == "tiny" and tiny.scaling.gpus_per_worker == 0
-    assert tiny.latents == preprocess.load_config(REPO / "jobs/configs/preprocess.tiny.yaml").output
+    assert tiny.latents == prep_config.load_config(REPO / "jobs/configs/preprocess.tiny.yaml").output
 
 
 def test_defaults_follow_the_paper_and_survive_the_trip_to_the_workers() -> None:
