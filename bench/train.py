@@ -39,6 +39,7 @@ from pusa_ray.preprocessing import commit as committing
 from pusa_ray.preprocessing import config as prep_config
 from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
+from pusa_ray.training import checkpoint as train_checkpoint
 from pusa_ray.training.config import TrainConfig, load_config
 from pusa_ray.training.data import DataLayout, load_batch, split_records
 from pusa_ray.training.model import build_training_model, trainable_parameters
@@ -136,7 +137,7 @@ def job_run(config: TrainConfig) -> tuple[dict[int, float], float, job.TrainSumm
     summary = job.run(config)
     wall = time.perf_counter() - started
     snapshot = json.loads(
-        storage.read_bytes(storage.join(job.run_uri(config), "checkpoint_manager_snapshot.json"))
+        storage.read_bytes(storage.join(train_checkpoint.run_uri(config), "checkpoint_manager_snapshot.json"))
     )
     history = snapshot["latest_checkpoint_result"]["metrics"]["history"]  # the steps since the last report
     return {record["step"]: record["step_time_s"] for record in history}, wall, summary

@@ -40,6 +40,7 @@ from pusa_ray.preprocessing import commit as committing
 from pusa_ray.preprocessing import config as prep_config
 from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
+from pusa_ray.training import checkpoint as train_checkpoint
 from pusa_ray.training.config import TimestepSettings, TrainConfig, load_config, parse_config
 from pusa_ray.training.data import DataLayout, build_probe_set, load_batch, split_records
 from pusa_ray.training.model import build_training_model, export_adapter, trainable_parameters
@@ -51,7 +52,7 @@ JOB = REPO / "jobs" / "train.py"
 FRAMES, HEIGHT, WIDTH = 17, 32, 48  # 5 latent frames of 4x6
 CLIPS = 4
 STEPS, EVERY = 30, 10
-SNAPSHOT = dtrain.RAY_SNAPSHOT
+SNAPSHOT = train_checkpoint.RAY_SNAPSHOT
 
 PREBUILD = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 
@@ -484,7 +485,7 @@ def test_checkpoints_are_committed_in_s3_and_only_the_last_two_kept(
 def test_zero_2_partitions_the_optimizer_state_across_the_workers(
     lora_run: dict[str, Any], bucket: str
 ) -> None:
-    state = dtrain.read_state(lora_run["summary"].checkpoint)
+    state = train_checkpoint.read_state(lora_run["summary"].checkpoint)
     zero = state["zero"]
     assert zero["optimizer"] == "DeepSpeedZeroOptimizer" and zero["stage"] == 2
     trainable = zero["trainable_numel"]
@@ -542,7 +543,7 @@ def steps_by_checkpoint(run: str) -> dict[int, dict[str, Any]]:
     names = sorted(
         {path.split("/", 1)[0] for path in storage.list_files(run) if path.startswith("checkpoint-0")}
     )
-    return {int(name[-8:]): dtrain.read_state(f"{run}/{name}") for name in names}
+    return {int(name[-8:]): train_checkpoint.read_state(f"{run}/{name}") for name in names}
 
 
 def assert_continuous(states: dict[int, dict[str, Any]], resumed_from: int) -> None:
@@ -645,7 +646,7 @@ def test_a_full_fine_tune_from_a_random_preset_lowers_its_probe_loss(
     )
     summary = run_training(settings)
     assert summary.probe_loss < 0.8 * summary.initial_probe_loss, summary.line()
-    state = dtrain.read_state(summary.checkpoint)
+    state = train_checkpoint.read_state(summary.checkpoint)
     assert state["zero"]["trainable_numel"] == sum(
         p.numel() for p in load_components("tiny").model.parameters()
     )

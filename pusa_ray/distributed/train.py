@@ -27,6 +27,11 @@ this job (trust the bucket as you trust the code). Resume: each (re)started work
 states and only its own optimizer partition, and continues at the next step. Worker failures
 restart the whole group from there (`FailureConfig(max_failures)`); rerunning the job with the same
 run name and storage path after losing the driver does the same.
+
+This module is the Ray layer: the trainer, the worker set-up and loop, and `main`. The Ray-free
+parts live in `pusa_ray.training`: config, data order, objective, model, `preflight` (the checks
+before any worker starts), `checkpoint` (names, state, manifest, what a rank reads to resume) and
+`export` (publishing the result).
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -54,9 +58,23 @@ from pusa_ray import storage
 from pusa_ray.config import PRESETS
 from pusa_ray.data.latents import LatentDataset
 from pusa_ray.errors import UserInputError
-from pusa_ray.models.loading import model_source
-from pusa_ray.storage import FileEntry
-from pusa_ray.training.config import TimestepSettings, TrainConfig, load_config
+from pusa_ray.training.checkpoint import (
+    ADAPTER_FILE,
+    CHECKPOINT_KIND,
+    DEEPSPEED_DIR,
+    SAMPLES_DIR,
+    STATE_FILE,
+    TRANSFORMER_DIR,
+    TrainerState,
+    checkpoint_name,
+    commit_checkpoint,
+    describe_files,
+    download_checkpoint,
+    local_or_s3,
+    read_state,
+    run_uri,
+)
+from pusa_ray.training.config import TrainConfig, load_config
 from pusa_ray.training.data import (
     DataLayout,
     ProbeSet,
@@ -65,15 +83,15 @@ from pusa_ray.training.data import (
     mix_seed,
     split_records,
 )
+from pusa_ray.training.export import TrainSummary, absolute_paths, export
 from pusa_ray.training.model import (
-    base_architecture,
     build_training_model,
-    check_lora_targets,
     export_adapter,
     export_transformer,
     trainable_parameters,
 )
 from pusa_ray.training.objective import batch_loss, probe_loss_sum, warmup_factor
+from pusa_ray.training.preflight import Preflight, preflight
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -91,137 +109,11 @@ __all__ = [
 
 logger = logging.getLogger("pusa_ray.train")
 
-CHECKPOINT_KIND = "pusa_ray.train_checkpoint"
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-ADAPTER_FILE = "adapter.safetensors"
-TRANSFORMER_DIR = "transformer"
-DEEPSPEED_DIR = "deepspeed"
-SAMPLES_DIR = "samples"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's checkpoint registry in the run dir
-_OTHER_RANK_SHARD = re.compile(r"zero_pp_rank_(\d+)_")
 _S3_ATTEMPTS = 10  # pyarrow's retries for Ray's checkpoint uploads (botocore's for ours)
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def run_uri(config: TrainConfig) -> str:
-    """The run's directory: `{storage_path}/{name}` (local path or s3:// URI)."""
-    return storage.join(_local_or_s3(config.run.storage_path), config.run.name)
-
-
-def _local_or_s3(uri: str) -> str:
-    if uri.startswith("s3://"):
-        return uri
-    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver: checks before any worker starts
-
-
-@dataclasses.dataclass(frozen=True)
-class Preflight:
-    """What the driver learnt about the data and the model, without loading weights."""
-
-    architecture: dict[str, Any]
-    records: int
-    train_records: int
-    probe_records: int
-    latent_shape: tuple[int, ...]
-    resumes_from: int | None  # the step an existing run continues from
-
-
-def _has_codec(base: str) -> bool:
-    """Whether the base brings a VAE and text encoder (a seeded or embedded preset, a model directory)."""
-    return base not in PRESETS or PRESETS[base].weights in ("seeded", "embedded")
-
-
-def preflight(config: TrainConfig) -> Preflight:
-    """Every check that needs no worker: model, dataset, split, export. Raises UserInputError."""
-    base, init = config.model.base, config.model.init
-    if init == "pretrained":
-        model_source(base)  # an embedded preset: its weights are installed and it is a base
-    if base in PRESETS and PRESETS[base].weights == "directory" and init == "pretrained":
-        raise UserInputError(
-            f"preset {base!r} has no embedded weights: set model.base to a model directory "
-            "(diffusers Wan layout, local or s3://), or model.init to random"
-        )
-    architecture = base_architecture(base)
-    if config.method == "lora":
-        check_lora_targets(list(config.lora.target_modules))
-    try:
-        dataset = LatentDataset(config.latents)
-    except storage.UncommittedError:
-        raise UserInputError(
-            f"latent dataset {config.latents!r} does not exist or is not committed (no _MANIFEST.json): "
-            "run the preprocessing job first"
-        ) from None
-    dataset.check_architecture(architecture)
-    train, probe = split_records(
-        len(dataset), config.validation.probe_samples, config.validation.hold_out, config.validation.seed
-    )
-    if not train:
-        raise UserInputError(
-            f"latent dataset {config.latents!r} has {len(dataset)} records; holding out "
-            f"{len(probe)} for validation leaves none to train on (validation.hold_out: false, or "
-            "fewer validation.probe_samples)"
-        )
-    if config.validation.videos is not None and not _has_codec(base):
-        raise UserInputError(
-            f"validation.videos needs a base model with a VAE and text encoder; {base!r} has none"
-        )
-    if config.export is not None and config.method == "full" and not _has_codec(base):
-        raise UserInputError(
-            f"exporting a fully fine-tuned model needs the VAE and text encoder of its base; {base!r} "
-            "has none (use a model directory as model.base)"
-        )
-    resuming = _check_resumable(config)
-    return Preflight(architecture, len(dataset), len(train), len(probe), dataset.info.latent_shape, resuming)
-
-
-def latest_checkpoint(config: TrainConfig) -> str | None:
-    """The URI of the latest checkpoint in Ray's registry for this run, or None for a new run."""
-    try:
-        snapshot = json.loads(storage.read_bytes(storage.join(run_uri(config), RAY_SNAPSHOT)))
-    except FileNotFoundError:
-        return None
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    name = latest.get("checkpoint_dir_name")
-    return storage.join(run_uri(config), name) if name else None
-
-
-def _check_resumable(config: TrainConfig) -> int | None:
-    """The step an existing run resumes from; UserInputError if its checkpoint cannot be resumed."""
-    checkpoint = latest_checkpoint(config)
-    if checkpoint is None:
-        return None
-    try:
-        saved = read_state(checkpoint)
-    except FileNotFoundError:
-        raise UserInputError(
-            f"run {run_uri(config)!r}: its latest checkpoint {checkpoint!r} is gone"
-        ) from None
-    before, now = saved["config"], config.plain()
-    if saved["world_size"] != config.scaling.workers:
-        raise UserInputError(
-            f"run {run_uri(config)!r} resumes from {checkpoint}, written by {saved['world_size']} workers; "
-            f"ZeRO-2 partitions resume only on as many (scaling.workers is {config.scaling.workers})"
-        )
-    # What makes it another run: the model trained and how its timesteps are drawn (a resumed run
-    # that silently trained on another layout, or only re-exported an old one, would look the same).
-    # Saved timesteps are read with today's defaults, so keys added since compare as their default.
-    timesteps = TimestepSettings.model_validate(before.get("timesteps", {}))
-    before = {**before, "timesteps": timesteps.model_dump(mode="json")}
-    for key in ("method", "lora", "model", "timesteps"):
-        if before.get(key) != now.get(key):
-            raise UserInputError(
-                f"run {run_uri(config)!r} was started with {key} {before.get(key)!r}, the config says "
-                f"{now.get(key)!r}: use another run.name for a new run"
-            )
-    return int(saved["step"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +128,7 @@ def storage_for_ray(storage_path: str) -> tuple[str, Any]:
     reach the same store as our own reads and writes.
     """
     if not storage_path.startswith("s3://"):
-        return _local_or_s3(storage_path), None
+        return local_or_s3(storage_path), None
     import pyarrow.fs
 
     bucket_and_key = storage_path.removeprefix("s3://").rstrip("/")
@@ -385,18 +277,6 @@ def _initialize_engine(config: TrainConfig, model: torch.nn.Module, world_size: 
         config=deepspeed_config(config, world_size, bf16),
     )
     return engine
-
-
-@dataclasses.dataclass
-class TrainerState:
-    """What a checkpoint records besides the weights; the step is the count of optimizer steps done."""
-
-    step: int = 0
-    restarts: int = 0
-    resumed_from: int | None = None
-    initial_probe_loss: float | None = None
-    probe_loss: float | None = None
-    train_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -557,15 +437,6 @@ def _zero_partitions(worker: Worker) -> dict[str, Any]:
 # Worker: checkpoints
 
 
-def _describe_files(root: Path, rank: int) -> list[dict[str, Any]]:
-    entries = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root).as_posix()
-        digest = storage.sha256_file(path)  # hashed locally: committing costs no S3 reads
-        entries.append({"path": relative, "size": path.stat().st_size, "sha256": digest, "rank": rank})
-    return entries
-
-
 def _write_rank_zero_files(worker: Worker, local: Path, state: TrainerState, extra: dict[str, Any]) -> None:
     config, step = worker.config, state.step
     module = worker.engine.module
@@ -597,7 +468,7 @@ def _save_checkpoint(worker: Worker, state: TrainerState, metrics: dict[str, Any
             _write_rank_zero_files(worker, local, state, extra)
             storage.delete_prefix(uri)  # debris of an attempt that died before Ray registered it
         written = {"rank": worker.rank, "host": socket.gethostname(), "pid": os.getpid()}
-        files = _describe_files(local, worker.rank)
+        files = describe_files(local, worker.rank)
         gathered: list[Any] = [None] * worker.world_size
         dist.all_gather_object(gathered, (written, files))  # also orders the delete before uploads
         ray.train.report(
@@ -608,39 +479,7 @@ def _save_checkpoint(worker: Worker, state: TrainerState, metrics: dict[str, Any
         )
     dist.barrier()  # every rank's upload has returned
     if worker.rank == 0:
-        _commit_checkpoint(uri, state.step, gathered)
-
-
-def _commit_checkpoint(uri: str, step: int, gathered: list[Any]) -> None:
-    entries = [
-        FileEntry(item["path"], item["size"], item["sha256"]) for _, files in gathered for item in files
-    ]
-    paths = [entry.path for entry in entries]
-    if len(set(paths)) != len(paths):
-        raise RuntimeError(f"two ranks wrote the same checkpoint file in {uri}: {sorted(paths)}")
-    writers = [written for written, _ in gathered]
-    storage.commit_dir(uri, entries, extra={"kind": CHECKPOINT_KIND, "step": step, "writers": writers})
-
-
-def _needed_by(rank: int, relative: str) -> bool:
-    """Whether `rank` reads this checkpoint file to resume: DeepSpeed's, but no other rank's partition."""
-    match = _OTHER_RANK_SHARD.search(relative)
-    return relative.startswith(f"{DEEPSPEED_DIR}/") and (match is None or int(match.group(1)) == rank)
-
-
-def _download_checkpoint(uri: str, rank: int, local: Path) -> None:
-    """This rank's files: those the manifest lists (sizes checked), or all there are without one."""
-    try:
-        sizes: dict[str, int] | None = {entry.path: entry.size for entry in storage.read_manifest(uri).files}
-    except storage.UncommittedError:
-        # Ray registered it, but the run stopped before rank 0 committed it: Ray's registry is the authority.
-        logger.warning("%s is in Ray's registry but has no manifest; resuming from it anyway", uri)
-        sizes = None
-    names = list(sizes) if sizes is not None else storage.list_files(uri)
-    for relative in [name for name in names if _needed_by(rank, name)] + [STATE_FILE]:
-        target = storage.download_file(storage.join(uri, relative), local / relative)
-        if sizes is not None and target.stat().st_size != sizes[relative]:
-            raise storage.CorruptDataError(storage.join(uri, relative), "size differs from the manifest")
+        commit_checkpoint(uri, state.step, gathered)
 
 
 def _resume(worker: Worker) -> TrainerState:
@@ -653,7 +492,7 @@ def _resume(worker: Worker) -> TrainerState:
     uri = storage.join(worker.run_uri, PurePosixPath(checkpoint.path).name)
     with tempfile.TemporaryDirectory(prefix="pusa_ray_resume_") as scratch:
         local = Path(scratch)
-        _download_checkpoint(uri, worker.rank, local)
+        download_checkpoint(uri, worker.rank, local)
         saved = json.loads((local / STATE_FILE).read_text())
         if saved["world_size"] != worker.world_size:
             raise UserInputError(
@@ -816,107 +655,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Driver: running and exporting
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSummary:
-    """What the run did, read from its final checkpoint."""
-
-    steps: int
-    samples_per_step: int
-    train_seconds: float
-    initial_probe_loss: float | None
-    probe_loss: float | None
-    restarts: int
-    checkpoint: str
-    exported: str | None
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.steps * self.samples_per_step / self.train_seconds if self.train_seconds > 0 else 0.0
-
-    def line(self) -> str:
-        probe = (
-            f"probe loss {self.initial_probe_loss:.4f} -> {self.probe_loss:.4f}; "
-            if self.initial_probe_loss is not None and self.probe_loss is not None
-            else ""
-        )
-        exported = f"; exported {self.exported}" if self.exported else ""
-        return (
-            f"train: {self.steps} steps, {self.samples_per_second:.2f} samples/s over "
-            f"{self.train_seconds:.1f} s of training; {probe}{self.restarts} restarts; "
-            f"checkpoint {self.checkpoint}{exported}"
-        )
-
-
-def read_state(checkpoint_uri: str) -> dict[str, Any]:
-    """The `trainer_state.json` of a checkpoint directory."""
-    return json.loads(storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE)))
-
-
-def export(
-    config: TrainConfig, checkpoint_uri: str, state: dict[str, Any], architecture: dict[str, Any]
-) -> str:
-    """Publish the final adapter (or model directory) under the export prefix; returns its URI."""
-    if config.export is None:
-        raise ValueError("export() needs config.export")
-    with tempfile.TemporaryDirectory(prefix="pusa_ray_export_") as scratch:
-        if config.method == "lora":
-            from pusa_ray.checkpoints.adapters import publish_adapter
-
-            local = storage.download_file(
-                storage.join(checkpoint_uri, ADAPTER_FILE), Path(scratch) / ADAPTER_FILE
-            )
-            metadata = {
-                "base_model": config.model.base,
-                "architecture": architecture,
-                "rank": config.lora.rank,
-                "lora_alpha": config.lora.alpha,
-                "step": state["step"],
-                "run": config.run.name,
-                "checkpoint": checkpoint_uri,
-            }
-            return publish_adapter(local, config.export.prefix, config.export.name, metadata)
-        return _export_model_dir(config, checkpoint_uri, Path(scratch), state["step"])
-
-
-def _export_model_dir(config: TrainConfig, checkpoint_uri: str, scratch: Path, step: int) -> str:
-    """The base's VAE, text encoder and tokenizer with the trained DiT, as a committed model directory."""
-    from diffusers import WanTransformer3DModel
-
-    from pusa_ray.models.loading import load_components, save_model_dir
-    from pusa_ray.models.vta import VTAWanTransformer
-
-    for relative in storage.list_files(storage.join(checkpoint_uri, TRANSFORMER_DIR)):
-        source = storage.join(checkpoint_uri, TRANSFORMER_DIR, relative)
-        storage.download_file(source, scratch / TRANSFORMER_DIR / relative)
-    components = load_components(config.model.base, device="cpu", dtype=torch.float32)
-    transformer = WanTransformer3DModel.from_pretrained(scratch / TRANSFORMER_DIR, torch_dtype=torch.float32)
-    components.model = VTAWanTransformer(transformer)
-    components.spec = dataclasses.replace(components.spec, name=config.export.name)
-    destination = storage.join(config.export.prefix, config.export.name)
-    return save_model_dir(components, destination)
-
-
-def absolute_paths(config: TrainConfig) -> TrainConfig:
-    """Local paths made absolute against the driver's directory: Ray Train workers run elsewhere."""
-
-    def local(value: str) -> str:
-        return value if value.startswith("s3://") else _local_or_s3(value)
-
-    base = config.model.base
-    model = config.model
-    if base not in PRESETS and not base.startswith("s3://"):
-        model = model.model_copy(update={"base": local(base)})
-    update: dict[str, Any] = {
-        "latents": local(config.latents),
-        "model": model,
-        "run": config.run.model_copy(update={"storage_path": local(config.run.storage_path)}),
-    }
-    if config.export is not None:
-        update["export"] = config.export.model_copy(update={"prefix": local(config.export.prefix)})
-    return config.model_copy(update=update)
+# Driver: running
 
 
 def run(config: TrainConfig) -> TrainSummary:
