@@ -30,10 +30,11 @@ import torch
 from pusa_ray import video
 from pusa_ray.data.latents import encode_prompts_unpadded, tensor_to_bytes, write_shard
 from pusa_ray.distributed import preprocess
+from pusa_ray.models.description import describe_model
+from pusa_ray.models.loading import load_codec, load_text_encoder
 from pusa_ray.preprocessing import commit as committing
 from pusa_ray.preprocessing import config as prep_config
 from pusa_ray.preprocessing import decode as decoding
-from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
 
 
@@ -77,11 +78,11 @@ def make_config(
 def plain_loop(config: prep_config.PreprocessConfig) -> tuple[float, list[float]]:
     """Everything in this process, one clip at a time: (wall seconds, time of each shard written)."""
     started = time.perf_counter()
-    model = prep_model.describe_model(config.model)
+    model = describe_model(config.model)
     todo = planning.plan(config, model).todo
     device = torch.device("cpu")
-    codec = prep_model.load_codec(config.model, device)
-    tokenizer, encoder, length = prep_model.load_text_encoder(config.model, device)
+    codec = load_codec(config.model, device)
+    tokenizer, encoder, length = load_text_encoder(config.model, device)
     stamps = []
     for clip in todo:
         frames = decoding.prepare_clip(
@@ -118,7 +119,7 @@ def plain_loop(config: prep_config.PreprocessConfig) -> tuple[float, list[float]
 def ray_job(config: prep_config.PreprocessConfig) -> tuple[float, list[float]]:
     """The job's own plan -> pipeline -> commit, timing each shard as the driver receives it."""
     started = time.perf_counter()
-    model = prep_model.describe_model(config.model)
+    model = describe_model(config.model)
     planned = planning.plan(config, model)
     run = preprocess.new_run_id()
     stamps = [

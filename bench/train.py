@@ -35,9 +35,9 @@ import torch
 from pusa_ray import storage
 from pusa_ray.data.latents import tensor_to_bytes, write_shard
 from pusa_ray.distributed import train as job
+from pusa_ray.models.description import describe_model
 from pusa_ray.preprocessing import commit as committing
 from pusa_ray.preprocessing import config as prep_config
-from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
 from pusa_ray.training import checkpoint as train_checkpoint
 from pusa_ray.training.config import TrainConfig, load_config
@@ -78,7 +78,7 @@ def make_dataset(output: str, clips: int) -> str:
     )
     planned = [planning.PlannedClip(key, f"/raw/{key}.mp4", f"caption {key}", 0.0, 1, "1") for key in keys]
     plan = planning.Plan(clips=planned, todo=[], errors=[], already_present=0, duplicates=0)
-    committing.commit(config, prep_model.describe_model("tiny"), plan, "bench", 0, 1.0)
+    committing.commit(config, describe_model("tiny"), plan, "bench", 0, 1.0)
     return output
 
 

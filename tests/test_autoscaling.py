@@ -31,10 +31,10 @@ import torch
 
 from pusa_ray import video
 from pusa_ray.data.latents import encode_prompts_unpadded, tensor_to_bytes, write_shard
+from pusa_ray.models.description import describe_model
 from pusa_ray.models.loading import load_components
 from pusa_ray.preprocessing import commit as committing
 from pusa_ray.preprocessing import config as prep_config
-from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
 from tests.cluster_helpers import (
     LocalCluster,
@@ -125,7 +125,7 @@ def tiny_latent_dataset(output: Path) -> str:
         planning.PlannedClip(k, f"/raw/{k}.mp4", c, 0.0, 1, "1") for k, c in zip(keys, captions, strict=True)
     ]
     plan = planning.Plan(clips=clips, todo=[], errors=[], already_present=0, duplicates=0)
-    committing.commit(config, prep_model.describe_model("tiny"), plan, "run-1", 0, 1.0)
+    committing.commit(config, describe_model("tiny"), plan, "run-1", 0, 1.0)
     return str(output)
 
 

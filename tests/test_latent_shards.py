@@ -28,11 +28,11 @@ from pusa_ray.data.latents import (
     write_shard,
 )
 from pusa_ray.errors import UserInputError
+from pusa_ray.models.description import describe_model
 from pusa_ray.models.loading import load_components
 from pusa_ray.models.text import encode_prompts
 from pusa_ray.preprocessing import commit as committing
 from pusa_ray.preprocessing import config as prep_config
-from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
 from pusa_ray.storage import CorruptDataError, UncommittedError
 
@@ -138,7 +138,7 @@ def _plan(keys: list[str]) -> planning.Plan:
 
 def _commit(output: str, keys: list[str], **overrides) -> committing.Summary:
     config = _config(output, **overrides)
-    return committing.commit(config, prep_model.describe_model("tiny"), _plan(keys), "run-2", 0, 1.0)
+    return committing.commit(config, describe_model("tiny"), _plan(keys), "run-2", 0, 1.0)
 
 
 def test_dataset_reads_back_what_was_written(store: str) -> None:

@@ -34,7 +34,7 @@ CORE_MODULES = [
     "pusa_ray.training.preflight",
     "pusa_ray.training.export",
     "pusa_ray.preprocessing.config",
-    "pusa_ray.preprocessing.model",
+    "pusa_ray.models.description",
     "pusa_ray.preprocessing.plan",
     "pusa_ray.preprocessing.decode",
     "pusa_ray.preprocessing.commit",

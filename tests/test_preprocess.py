@@ -26,11 +26,11 @@ from pusa_ray.data.latents import LatentDataset
 from pusa_ray.distributed import preprocess
 from pusa_ray.distributed.preprocess import main
 from pusa_ray.errors import UserInputError
-from pusa_ray.models.loading import load_components, save_model_dir
+from pusa_ray.models.description import describe_model
+from pusa_ray.models.loading import load_codec, load_components, load_text_encoder, save_model_dir
 from pusa_ray.models.text import encode_prompts
 from pusa_ray.preprocessing import config as prep_config
 from pusa_ray.preprocessing import decode as decoding
-from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
 from pusa_ray.preprocessing.config import load_config, parse_config
 from pusa_ray.preprocessing.decode import ClipError
@@ -125,7 +125,7 @@ def test_bad_configs_fail_with_clear_messages(change: dict, message: str) -> Non
     ],
 )
 def test_the_models_codec_sets_the_frame_and_size_rules(model: str, video: tuple, message: str) -> None:
-    described = prep_model.describe_model(model)
+    described = describe_model(model)
     with pytest.raises(UserInputError, match=message):
         described.check_video(*video)
     described.check_video(17, 64, 64)  # valid for both: 1 + 4k frames, multiples of 16
@@ -166,7 +166,7 @@ def _clip_files(folder: Path, names: list[str]) -> None:
 
 def _plan(settings: dict) -> planning.Plan:
     config = parse_config(settings)
-    return planning.plan(config, prep_model.describe_model(config.model))
+    return planning.plan(config, describe_model(config.model))
 
 
 def test_manifests_jsonl_and_csv_resolve_paths_and_report_bad_rows(tmp_path: Path) -> None:
@@ -283,15 +283,18 @@ def test_actors_load_only_their_part_of_an_s3_model(s3_bucket: str, tmp_path: Pa
     monkeypatch.setenv("PUSA_RAY_CACHE", str(tmp_path / "cache"))
     tiny = load_components("tiny", device="cpu")
     model = save_model_dir(tiny, f"{s3_bucket}/models/tiny")
-    described, preset = prep_model.describe_model(model), prep_model.describe_model("tiny")
+    described, preset = (
+        describe_model(model),
+        describe_model("tiny"),
+    )
     assert described.architecture == preset.architecture == get_preset("tiny").architecture
     assert described.vae == preset.vae and described.text_encoder["dim"] == 32
     assert described.fingerprint != preset.fingerprint
 
-    codec = prep_model.load_codec(model, torch.device("cpu"))
+    codec = load_codec(model, torch.device("cpu"))
     pixels = video.frames_to_tensor(moving_square(FRAMES, HEIGHT, WIDTH, 1))[None]  # [1, 3, F, H, W]
     assert torch.allclose(codec.encode(pixels), tiny.codec.encode(pixels), atol=1e-6)
-    tokenizer, encoder, length = prep_model.load_text_encoder(model, torch.device("cpu"))
+    tokenizer, encoder, length = load_text_encoder(model, torch.device("cpu"))
     ours = encode_prompts(tokenizer, encoder, ["a cat"], length)
     assert torch.allclose(ours, encode_prompts(tiny.tokenizer, tiny.text_encoder, ["a cat"]), atol=1e-6)
     fetched = {path.relative_to(tmp_path / "cache").parts[3] for path in (tmp_path / "cache").rglob("*.*")}

@@ -11,9 +11,9 @@ import pytest
 
 from pusa_ray.cli import main as cli_main
 from pusa_ray.mini.sample_data import BAD
+from pusa_ray.models.description import describe_model
 from pusa_ray.preprocessing import config as prep_config
 from pusa_ray.preprocessing import decode as decoding
-from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
 from tests.cluster_helpers import derive
 
@@ -34,7 +34,7 @@ def test_every_layout_reads_back_with_the_expected_good_and_bad_clips(sample: Pa
         "jobs/configs/preprocess.tiny.yaml", {"input.uri": str(uri), "output": str(tmp_path / "o")}
     )
     config = prep_config.parse_config(settings)
-    plan = planning.plan(config, prep_model.describe_model(config.model))
+    plan = planning.plan(config, describe_model(config.model))
 
     kinds = Counter(error["kind"] for error in plan.errors)  # found while listing
     good = 0

@@ -34,11 +34,11 @@ from pusa_ray.checkpoints.lora import PUSA_TARGET_MODULES, load_adapter
 from pusa_ray.data.latents import LatentDataset, encode_prompts_unpadded, tensor_to_bytes, write_shard
 from pusa_ray.distributed import train as dtrain
 from pusa_ray.errors import UserInputError
+from pusa_ray.models.description import describe_model
 from pusa_ray.models.loading import apply_adapters, load_components
 from pusa_ray.pipeline import default_settings, generate
 from pusa_ray.preprocessing import commit as committing
 from pusa_ray.preprocessing import config as prep_config
-from pusa_ray.preprocessing import model as prep_model
 from pusa_ray.preprocessing import plan as planning
 from pusa_ray.training import checkpoint as train_checkpoint
 from pusa_ray.training.config import TimestepSettings, TrainConfig, load_config, parse_config
@@ -103,7 +103,7 @@ def write_dataset(records: pa.Table, output: str) -> str:
         planning.PlannedClip(k, f"/raw/{k}.mp4", c, 0.0, 1, "1") for k, c in zip(keys, captions, strict=True)
     ]
     plan = planning.Plan(clips=clips, todo=[], errors=[], already_present=0, duplicates=0)
-    committing.commit(config, prep_model.describe_model("tiny"), plan, "run-1", 0, 1.0)
+    committing.commit(config, describe_model("tiny"), plan, "run-1", 0, 1.0)
     return output
 
 

@@ -59,10 +59,11 @@ from pusa_ray.data.latents import (
     write_shard,
 )
 from pusa_ray.errors import UserInputError
+from pusa_ray.models.description import ModelDescription, describe_model
+from pusa_ray.models.loading import load_codec, load_text_encoder, parts_source
 from pusa_ray.preprocessing.commit import Summary, commit, run_work_uri
 from pusa_ray.preprocessing.config import PoolResources, PreprocessConfig, load_config
 from pusa_ray.preprocessing.decode import ClipError, decode_row
-from pusa_ray.preprocessing.model import ModelDescription, describe_model, load_codec, load_text_encoder
 from pusa_ray.preprocessing.plan import PlannedClip, error_record, plan
 
 logger = logging.getLogger(__name__)
@@ -265,6 +266,7 @@ def run(config: PreprocessConfig, run_id: str | None = None) -> Summary:
     """Plan, encode what is missing on Ray (started with ``ray.init()`` if needed), commit."""
     started = time.perf_counter()
     run_id = run_id or new_run_id()
+    parts_source(config.model)  # the actors can load its codec and text encoder
     model = describe_model(config.model)
     model.check_video(config.frames, config.height, config.width)
     planned = plan(config, model)

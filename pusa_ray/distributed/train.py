@@ -346,8 +346,8 @@ def _set_up(loop_config: dict[str, Any]) -> Worker:
 
 def _null_context(config: TrainConfig, length: int) -> torch.Tensor:
     """The empty prompt's embedding `[length, D]` by the base's text encoder, padded as the dataset's."""
+    from pusa_ray.models.loading import load_text_encoder
     from pusa_ray.models.text import encode_prompts
-    from pusa_ray.preprocessing.model import load_text_encoder
 
     tokenizer, encoder, max_length = load_text_encoder(config.model.base, torch.device("cpu"))
     embedded = encode_prompts(tokenizer, encoder.float(), [""], max_length)[0]  # [max_length, D]
@@ -544,8 +544,7 @@ def _write_sample_videos(worker: Worker, folder: Path, step: int) -> None:
 
 def _sampling_components(worker: Worker) -> Any:
     from pusa_ray.config import get_preset
-    from pusa_ray.models.loading import Components
-    from pusa_ray.preprocessing.model import load_codec, load_text_encoder
+    from pusa_ray.models.loading import Components, load_codec, load_text_encoder
 
     base = worker.config.model.base
     if worker.sampling is None:

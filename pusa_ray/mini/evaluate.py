@@ -505,10 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _domain_settings(args: argparse.Namespace, model: str) -> DomainSettings:
     """The held-out set to write: the first model's frames and size, the domain's other defaults."""
     from pusa_ray.mini.shapes import BACKGROUNDS, MOTIONS
-    from pusa_ray.models.loading import describe_model
+    from pusa_ray.models.description import describe_model
 
     described = describe_model(model)
-    size = {key: described[key] for key in ("frames", "height", "width") if described.get(key)}
+    size = {key: getattr(described, key) for key in ("frames", "height", "width") if getattr(described, key)}
     return DomainSettings(
         **size,
         motions=parse_list(args.motions, "--motions", MOTIONS),

@@ -9,7 +9,9 @@ original Wan2.1 release layout (see `pusa_ray.checkpoints.wan_original`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from pusa_ray.config import PRESETS, ModelSpec, get_preset
+from pusa_ray.config import PRESETS, TEXT_LENGTH, ModelSpec, get_preset
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.codec import SpaceToDepthCodec, WanCodec, is_space_to_depth, make_codec
+from pusa_ray.models.description import saved_spec
 from pusa_ray.models.text import byte_tokenizer, word_tokenizer
 from pusa_ray.models.vta import VTAWanTransformer
 
@@ -107,36 +110,104 @@ def model_source(model: str) -> str:
     return str(embedded_dir(spec))
 
 
-def describe_model(model: str) -> dict[str, Any]:
-    """A model's DiT shape and video defaults without loading weights (for services that only route).
+def seeded_preset(model: str, setting: str, hint: str = "") -> ModelSpec:
+    """A preset whose weights are built in code from its seed; else the one error for a preset
+    whose weights this installation does not have (`setting` names where to give a directory)."""
+    spec = get_preset(model)
+    if spec.weights != "seeded":
+        raise UserInputError(
+            f"preset {model!r} has no embedded weights: set {setting} to a model directory (diffusers "
+            f"Wan layout, local or s3://) holding its weights{hint}"
+        )
+    return spec
 
-    Presets come from the table; directories (local or s3://) from `transformer/config.json` and our
-    spec file. Unknown parts are None.
+
+def parts_source(model: str, setting: str = "model", hint: str = "") -> str:
+    """Where a model's parts are loaded from, one at a time: a seeded preset's name, an embedded
+    preset's package directory, or the model directory (local or s3://) itself."""
+    source = model_source(model)
+    if source in PRESETS:
+        seeded_preset(source, setting, hint)
+    return source
+
+
+def model_parts(model: str, parts: Sequence[str]) -> Path:
+    """A local directory holding `parts` (e.g. ["vae"]) of the model directory `model`.
+
+    A local directory is used in place. From a committed s3:// directory only the files under
+    `parts` are fetched (a VAE actor never downloads the 14B DiT), into the download cache keyed by
+    the manifest, their sizes checked.
     """
-    if model in PRESETS:
-        spec = PRESETS[model]
-        return {
-            "architecture": spec.architecture,
-            "frames": spec.frames,
-            "height": spec.height,
-            "width": spec.width,
-        }
+    from pusa_ray import storage
 
-    def read(relative: str) -> dict | None:
-        try:
-            if model.startswith("s3://"):
-                from pusa_ray import storage
+    if not model.startswith("s3://"):
+        return Path(model)
+    manifest = storage.read_manifest(model)
+    version = hashlib.sha256(manifest.to_json()).hexdigest()[:16]
+    root = storage.cache_root() / "model-parts" / hashlib.sha256(model.encode()).hexdigest()[:32] / version
+    for part in parts:
+        marker = root / f".{part}.complete"
+        if marker.is_file():
+            continue
+        for entry in manifest.files:
+            if entry.path.split("/", 1)[0] != part:
+                continue
+            local = root / entry.path
+            if not (local.is_file() and local.stat().st_size == entry.size):
+                storage.download_file(storage.join(model, entry.path), local)
+            if local.stat().st_size != entry.size:
+                raise storage.CorruptDataError(
+                    storage.join(model, entry.path), "downloaded size differs from manifest"
+                )
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return root
 
-                return json.loads(storage.read_bytes(storage.join(model, relative)))
-            return json.loads((Path(model) / relative).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
 
-    config = read("transformer/config.json")
-    keys = PRESETS["tiny"].architecture.keys()
-    architecture = {key: config[key] for key in keys if key in config} if config else None
-    saved = read(SPEC_FILE) or {}
-    return {"architecture": architecture, **{key: saved.get(key) for key in ("frames", "height", "width")}}
+def load_transformer(model: str, dtype: torch.dtype, setting: str = "model", hint: str = "") -> Any:
+    """The model's DiT alone (diffusers' WanTransformer3DModel), on the CPU in `dtype`."""
+    source = parts_source(model, setting, hint)
+    if source in PRESETS:
+        return cast_parameters(build_seeded(PRESETS[source])[0], dtype)
+    root = model_parts(source, ["transformer"])
+    if not (root / "transformer" / "config.json").is_file():
+        raise UserInputError(f"model directory {model!r} has no transformer/ (diffusers Wan layout)")
+    transformer = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+    return cast_parameters(transformer, dtype)
+
+
+def load_codec(model: str, device: torch.device, setting: str = "model") -> WanCodec | SpaceToDepthCodec:
+    """The model's latent codec alone (its VAE in float32 on `device`), as `load_components` loads it."""
+    source = parts_source(model, setting)
+    if source in PRESETS:
+        _, vae, _ = build_seeded(PRESETS[source])
+    else:
+        root = model_parts(source, ["vae"])
+        config = json.loads((root / "vae" / "config.json").read_text())
+        if is_space_to_depth(config):
+            return make_codec(config)
+        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
+    if isinstance(vae, torch.nn.Module):
+        vae = cast_parameters(vae.to(device), torch.float32).eval().requires_grad_(False)
+    return make_codec(vae)
+
+
+def load_text_encoder(
+    model: str, device: torch.device, setting: str = "model"
+) -> tuple[PreTrainedTokenizerBase, torch.nn.Module, int]:
+    """(tokenizer, text encoder on `device` in its default dtype, max length), nothing else."""
+    source = parts_source(model, setting)
+    if source in PRESETS:
+        spec = PRESETS[source]
+        _, _, encoder = build_seeded(spec)
+        tokenizer, length = preset_tokenizer(spec), spec.text_length
+    else:
+        root = model_parts(source, ["text_encoder", "tokenizer"])
+        encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=default_dtype(device))
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        length = int(saved_spec(source).get("text_length", TEXT_LENGTH))
+    encoder = cast_parameters(encoder.to(device), default_dtype(device)).eval().requires_grad_(False)
+    return tokenizer, encoder, length
 
 
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -159,12 +230,7 @@ def load_components(
         spec = PRESETS[model]
         _, transformer, vae, text_encoder, tokenizer = _load_directory(embedded_dir(spec), dtype)
     elif model in PRESETS:
-        spec = get_preset(model)
-        if spec.weights != "seeded":
-            raise UserInputError(
-                f"preset {model!r} has no embedded weights: pass --model with a model directory "
-                "(diffusers layout) holding its weights"
-            )
+        spec = seeded_preset(model, "--model")
         transformer, vae, text_encoder = build_seeded(spec)
         tokenizer = preset_tokenizer(spec)
     elif model.startswith("s3://"):

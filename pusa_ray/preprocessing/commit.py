@@ -20,8 +20,8 @@ from pusa_ray.data.latents import (
     INDEX_SCHEMA,
     ShardInfo,
 )
+from pusa_ray.models.description import ModelDescription
 from pusa_ray.preprocessing.config import PreprocessConfig
-from pusa_ray.preprocessing.model import ModelDescription
 from pusa_ray.preprocessing.plan import (
     WORK_DIR,
     Plan,

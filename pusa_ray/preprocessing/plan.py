@@ -23,8 +23,8 @@ from pusa_ray.data.latents import (
     read_sidecar,
 )
 from pusa_ray.errors import UserInputError
+from pusa_ray.models.description import ModelDescription, short_digest
 from pusa_ray.preprocessing.config import InputConfig, PreprocessConfig
-from pusa_ray.preprocessing.model import ModelDescription, short_digest
 
 WORK_DIR = "_work"  # per-run scratch under the output (errors part files); removed at commit
 

@@ -31,7 +31,7 @@ from pusa_ray.checkpoints import adapters as published
 from pusa_ray.conditioning import latents_for_frames
 from pusa_ray.config import PRESETS
 from pusa_ray.errors import UserInputError
-from pusa_ray.models.loading import describe_model
+from pusa_ray.models.description import describe_model
 from pusa_ray.serving.dispatch import Dispatcher, DispatchSettings, log_event
 from pusa_ray.serving.errors import ApiError, field_of, install_error_handlers
 from pusa_ray.serving.jobs import TERMINAL_STATES, JobStore, Record, State, job_status, new_job_id
@@ -158,13 +158,14 @@ class Ingress:
             self.executor,
             RayJobEvents(),
         )
-        described = await asyncio.to_thread(describe_model, self.settings.model)
-        self.model_architecture = described["architecture"]
+        try:
+            described = await asyncio.to_thread(describe_model, self.settings.model)
+        except UserInputError:  # e.g. an original Wan2.1 release: no configs to read, only weights
+            described = None
+        self.model_architecture = described.architecture if described else None
         wan = PRESETS["wan2.1-t2v-14b"]
-        self.shape_defaults = (
-            described["frames"] or wan.frames,
-            described["height"] or wan.height,
-            described["width"] or wan.width,
+        self.shape_defaults = tuple(
+            getattr(described, name, None) or getattr(wan, name) for name in ("frames", "height", "width")
         )
         self._replicas: tuple[float, int | None] = (0.0, None)
         self._janitor = asyncio.get_running_loop().create_task(self.dispatcher.janitor())

@@ -8,7 +8,6 @@ inside `VTAWanTransformer` through diffusers' peft integration; its weights are 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ import torch
 from diffusers import WanTransformer3DModel
 from peft import LoraConfig, get_peft_model_state_dict
 
-from pusa_ray import storage
 from pusa_ray.checkpoints.lora import save_adapter
 from pusa_ray.config import PRESETS, get_preset
 from pusa_ray.errors import UserInputError
-from pusa_ray.models.loading import build_seeded, cast_parameters, describe_model, model_source
+from pusa_ray.models.description import describe_model
+from pusa_ray.models.loading import cast_parameters, load_transformer, model_parts
 from pusa_ray.models.vta import VTAWanTransformer
 from pusa_ray.training.config import TrainConfig
 from pusa_ray.training.data import mix_seed
@@ -46,15 +45,14 @@ def base_architecture(base: str) -> dict[str, Any]:
     """The DiT shape of a preset or a diffusers-layout directory (local or s3://), read from configs."""
     try:
         described = describe_model(base)
+    except UserInputError as error:
+        raise UserInputError(
+            f"base model {base!r}: {error}; an original Wan2.1 release can be converted with "
+            "`pusa-ray convert SOURCE DESTINATION`"
+        ) from None
     except (OSError, ValueError) as error:
         raise UserInputError(f"cannot read base model {base!r}: {error}") from None
-    if described["architecture"] is None:
-        raise UserInputError(
-            f"base model {base!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model "
-            "directory in diffusers' Wan layout (transformer/config.json); an original Wan2.1 "
-            "release can be converted with `pusa-ray convert SOURCE DESTINATION`"
-        )
-    return dict(described["architecture"])
+    return dict(described.architecture)
 
 
 def architecture_of(transformer: WanTransformer3DModel) -> dict[str, Any]:
@@ -62,46 +60,16 @@ def architecture_of(transformer: WanTransformer3DModel) -> dict[str, Any]:
     return {key: transformer.config[key] for key in ARCHITECTURE_KEYS}
 
 
-def _transformer_part(uri: str) -> Path:
-    """A local copy of `transformer/` of a committed s3:// model directory (the rest stays remote)."""
-    manifest = storage.read_manifest(uri)
-    digest = hashlib.sha256(manifest.to_json()).hexdigest()[:16]
-    root = (
-        storage.cache_root() / "model-transformers" / hashlib.sha256(uri.encode()).hexdigest()[:32] / digest
-    )
-    for entry in manifest.files:
-        if not entry.path.startswith("transformer/"):
-            continue
-        local = root / entry.path
-        if not (local.is_file() and local.stat().st_size == entry.size):
-            storage.download_file(storage.join(uri, entry.path), local)
-    if not (root / "transformer" / "config.json").is_file():
-        raise UserInputError(f"model directory {uri!r} has no transformer/ (diffusers Wan layout)")
-    return root
-
-
 def load_base_transformer(base: str, init: str, seed: int, dtype: torch.dtype) -> WanTransformer3DModel:
     """The base DiT on the CPU in `dtype`: pretrained weights, or fresh ones drawn from `seed`."""
     if init == "pretrained":
-        base = model_source(base)  # an embedded preset's package directory
+        return load_transformer(base, dtype, setting="model.base", hint=", or model.init to random")
     if base in PRESETS:
-        spec = get_preset(base)
-        if init == "random":
-            config = spec.transformer
-        elif spec.weights == "seeded":
-            return cast_parameters(build_seeded(spec)[0], dtype)
-        else:
-            raise UserInputError(
-                f"preset {base!r} has no embedded weights: set model.base to a model directory "
-                "(diffusers Wan layout, local or s3://), or model.init to random"
-            )
+        config = get_preset(base).transformer
     else:
-        root = _transformer_part(base) if base.startswith("s3://") else Path(base)
-        if init == "random":
-            config = WanTransformer3DModel.load_config(root, subfolder="transformer")
-        else:
-            model = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
-            return cast_parameters(model, dtype)
+        config = WanTransformer3DModel.load_config(
+            model_parts(base, ["transformer"]), subfolder="transformer"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed("init", seed))
         model = WanTransformer3DModel.from_config(config)

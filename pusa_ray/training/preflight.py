@@ -10,7 +10,7 @@ from pusa_ray import storage
 from pusa_ray.config import PRESETS
 from pusa_ray.data.latents import LatentDataset
 from pusa_ray.errors import UserInputError
-from pusa_ray.models.loading import model_source
+from pusa_ray.models.loading import parts_source
 from pusa_ray.training.checkpoint import latest_checkpoint, read_state, run_uri
 from pusa_ray.training.config import TimestepSettings, TrainConfig
 from pusa_ray.training.data import (
@@ -42,13 +42,8 @@ def _has_codec(base: str) -> bool:
 def preflight(config: TrainConfig) -> Preflight:
     """Every check that needs no worker: model, dataset, split, export. Raises UserInputError."""
     base, init = config.model.base, config.model.init
-    if init == "pretrained":
-        model_source(base)  # an embedded preset: its weights are installed and it is a base
-    if base in PRESETS and PRESETS[base].weights == "directory" and init == "pretrained":
-        raise UserInputError(
-            f"preset {base!r} has no embedded weights: set model.base to a model directory "
-            "(diffusers Wan layout, local or s3://), or model.init to random"
-        )
+    if init == "pretrained":  # its weights are installed (or built in code) and it is a base
+        parts_source(base, "model.base", ", or model.init to random")
     architecture = base_architecture(base)
     if config.method == "lora":
         check_lora_targets(list(config.lora.target_modules))

@@ -1,5 +1,7 @@
-"""The model as preprocessing needs it: described from its config files on the driver, and
-loaded part by part (the codec, the text encoder) on the actors."""
+"""One description of a model, read from its config files and never from its weights: the DiT's
+shape, the latent codec, the text encoder, a fingerprint of the encoders (what a latent dataset
+depends on) and the default video. Used by the CLI's checks, preprocessing, training and serving.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +9,14 @@ import dataclasses
 import hashlib
 import inspect
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pusa_ray import storage
 from pusa_ray.conditioning import latents_for_frames
-from pusa_ray.config import (
-    PRESETS,
-    TEXT_LENGTH,
-    ModelSpec,
-    get_preset,
-)
+from pusa_ray.config import PRESETS, TEXT_LENGTH, ModelSpec
 from pusa_ray.errors import UserInputError
-from pusa_ray.storage import CorruptDataError
-
-# ----------------------------------------------------------------------------------------------
-# The model, described without loading weights (driver) and loaded part by part (actors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +29,9 @@ class ModelDescription:
     vae: dict[str, Any]  # latents_mean, latents_std, z_dim, scale factors
     text_encoder: dict[str, Any]  # id, dim, layers, vocab size, max_length
     fingerprint: str  # changes when the VAE or the text encoder (or tokenizer) changes
+    frames: int | None = None  # the model's default video (None: not recorded)
+    height: int | None = None
+    width: int | None = None
 
     def check_video(self, frames: int, height: int, width: int) -> None:
         """The codec's frame rule and the sizes it and the DiT's 2x2 patches divide; else UserInputError."""
@@ -84,16 +78,6 @@ def _architecture_keys() -> tuple[str, ...]:
     return tuple(PRESETS["tiny"].architecture)
 
 
-def _seeded_preset(name: str) -> ModelSpec:
-    spec = get_preset(name)
-    if spec.weights != "seeded":
-        raise UserInputError(
-            f"preset {name!r} has no embedded weights: set model to a model directory (diffusers "
-            "layout, local or s3://) holding its weights"
-        )
-    return spec
-
-
 def _describe(
     model_id: str,
     source: str,
@@ -127,17 +111,11 @@ def _describe(
 
 
 def describe_model(model: str) -> ModelDescription:
-    """Describe a preset or a model directory (local or s3://) from its config files."""
-    from pusa_ray.models.loading import model_source
-
-    if model in PRESETS and PRESETS[model].weights == "embedded":  # a directory in the package
-        return dataclasses.replace(describe_model(model_source(model)), id=model, source=model)
+    """Describe a preset or a model directory (local or s3://) from its config files, never its
+    weights: a UserInputError names what is missing (a directory in the original Wan2.1 release
+    layout has none of diffusers' configs: convert it first)."""
     if model in PRESETS:
-        spec = _seeded_preset(model)
-        identity = {"preset": model, "seed": spec.seed, "vae": spec.vae, "text": spec.text_encoder}
-        return _describe(
-            spec.name, model, spec.transformer, spec.vae, spec.text_encoder, identity, spec.text_length
-        )
+        return _describe_preset(PRESETS[model])
     if model.startswith("s3://"):
         manifest = storage.read_manifest(model)  # committed model directories only
         files = [
@@ -165,97 +143,32 @@ def describe_model(model: str) -> ModelDescription:
             raise UserInputError(f"model directory {model!r} has no {part} (diffusers Wan layout)") from None
 
     transformer, vae, text = (config(f"{p}/config.json") for p in ("transformer", "vae", "text_encoder"))
-    saved = _saved_spec(model)
+    saved = saved_spec(model)
     identity = {"files": files, "vae": vae, "text": text}
     length = int(saved.get("text_length", TEXT_LENGTH))
-    return _describe(saved.get("name") or model, model, transformer, vae, text, identity, length)
+    described = _describe(saved.get("name") or model, model, transformer, vae, text, identity, length)
+    return dataclasses.replace(described, **{key: saved.get(key) for key in ("frames", "height", "width")})
 
 
-def _saved_spec(model: str) -> dict[str, Any]:
+def _describe_preset(spec: ModelSpec) -> ModelDescription:
+    """A preset from the table; an embedded one's identity is its package directory's files."""
+    if spec.weights == "embedded":
+        from pusa_ray.models.loading import embedded_dir
+
+        described = describe_model(str(embedded_dir(spec)))
+    else:
+        identity = {"preset": spec.name, "seed": spec.seed, "vae": spec.vae, "text": spec.text_encoder}
+        text = spec.text_encoder
+        described = _describe(
+            spec.name, spec.name, spec.transformer, spec.vae, text, identity, spec.text_length
+        )
+    video = {"frames": spec.frames, "height": spec.height, "width": spec.width}
+    return dataclasses.replace(described, id=spec.name, source=spec.name, **video)
+
+
+def saved_spec(model: str) -> dict[str, Any]:
     """A model directory's `pusa_ray.json` (name, sizes, text length), or {} without one."""
     try:
         return json.loads(storage.read_bytes(storage.join(model, "pusa_ray.json")))
     except FileNotFoundError:
         return {}
-
-
-def _model_root(model: str, parts: Sequence[str]) -> Path:
-    """A local directory holding ``parts`` of the model directory ``model``.
-
-    A local directory is used in place. From a committed s3:// directory only the files under
-    ``parts`` are fetched (a VAE actor never downloads the 14B DiT), into the download cache,
-    keyed by the manifest, and checked for size.
-    """
-    if not model.startswith("s3://"):
-        return Path(model)
-    manifest = storage.read_manifest(model)
-    root = (
-        storage.cache_root()
-        / "model-parts"
-        / short_digest(model)
-        / short_digest(manifest.to_json().decode(), 16)
-    )
-    for part in parts:
-        marker = root / f".{part}.complete"
-        if marker.is_file():
-            continue
-        for entry in manifest.files:
-            if entry.path.split("/", 1)[0] != part:
-                continue
-            local = root / entry.path
-            if not (local.is_file() and local.stat().st_size == entry.size):
-                storage.download_file(storage.join(model, entry.path), local)
-            if local.stat().st_size != entry.size:
-                raise CorruptDataError(
-                    storage.join(model, entry.path), "downloaded size differs from manifest"
-                )
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    return root
-
-
-def load_codec(model: str, device: torch.device) -> Any:
-    """The model's VAE only, in float32 on ``device``, as `load_components` would load it."""
-    from diffusers import AutoencoderKLWan
-
-    from pusa_ray.models.codec import is_space_to_depth, make_codec
-    from pusa_ray.models.loading import build_seeded, cast_parameters, model_source
-
-    model = model_source(model)
-    if model in PRESETS:
-        _, vae, _ = build_seeded(_seeded_preset(model))
-    else:
-        root = _model_root(model, ["vae"])
-        config = json.loads((root / "vae" / "config.json").read_text())
-        if is_space_to_depth(config):
-            return make_codec(config)
-        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
-    if isinstance(vae, torch.nn.Module):
-        vae = cast_parameters(vae.to(device), torch.float32).eval().requires_grad_(False)
-    return make_codec(vae)
-
-
-def load_text_encoder(model: str, device: torch.device) -> tuple[Any, torch.nn.Module, int]:
-    """(tokenizer, text encoder, max length): as `load_components` loads them, nothing else."""
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    from pusa_ray.models.loading import (
-        build_seeded,
-        cast_parameters,
-        default_dtype,
-        model_source,
-        preset_tokenizer,
-    )
-
-    model = model_source(model)
-    if model in PRESETS:
-        spec = _seeded_preset(model)
-        _, _, encoder = build_seeded(spec)
-        tokenizer, length = preset_tokenizer(spec), spec.text_length
-    else:
-        root = _model_root(model, ["text_encoder", "tokenizer"])
-        encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=default_dtype(device))
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        length = int(_saved_spec(model).get("text_length", TEXT_LENGTH))
-    encoder = cast_parameters(encoder.to(device), default_dtype(device)).eval().requires_grad_(False)
-    return tokenizer, encoder, length
