@@ -142,9 +142,10 @@ def test_a_storage_freeze_under_load_answers_503_and_loses_no_job(api, s3_server
             start = time.time()
             response = api.get(f"/v1/videos/{ids[-1]}", timeout=30)
             answers.append((response.status_code, time.time() - start, response))
+            time.sleep(0.05)
         health = api.get("/healthz", timeout=30)
     refused = [response for status, _seconds, response in answers if status == 503]
-    assert refused, [status for status, _s, _r in answers]
+    assert len(refused) >= 10, [status for status, _s, _r in answers]  # most at once, not after 5 s each
     assert {status for status, _s, _r in answers} <= {200, 503}  # never a 500, never a hang
     assert max(seconds for _status, seconds, _r in answers) < 10  # storage_timeout_s (5 s) + slack
     error = refused[-1].json()["error"]

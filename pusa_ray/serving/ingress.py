@@ -42,6 +42,7 @@ from pusa_ray.video_request import Media, VideoRequest, task_inputs
 
 STORAGE_THREADS = 32  # blocking storage calls of one ingress; a stalled endpoint must not starve it
 HEALTH_PROBE_S = 2.0  # /healthz waits at most this long on storage
+STORAGE_DOWN_S = 1.0  # after storage failed a request, the next ones answer 503 at once for this long
 CONTENT_TIMEOUT_S = 120.0  # a whole video is read within this
 
 api = FastAPI(
@@ -168,13 +169,20 @@ class Ingress:
             getattr(described, name, None) or getattr(wan, name) for name in ("frames", "height", "width")
         )
         self._replicas: tuple[float, int | None] = (0.0, None)
+        self._storage_down_until = 0.0  # time.monotonic() before which storage counts as down
         self._janitor = asyncio.get_running_loop().create_task(self.dispatcher.janitor())
 
     def _call(self, job_id: str, attempt: int, adapter: str | None) -> Any:
         return self.generator.options(multiplexed_model_id=adapter or "").run.remote(job_id, attempt)
 
     async def _io(self, function: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
-        """Run a blocking storage call for a request: bounded in time, 503 when storage is down."""
+        """Run a blocking storage call for a request: bounded in time, 503 when storage is down.
+
+        After a call found storage unreachable, requests for the next `STORAGE_DOWN_S` answer 503
+        at once instead of each waiting out the timeout; the first one after that tries again.
+        """
+        if time.monotonic() < self._storage_down_until:
+            raise _storage_unavailable(self.settings.retry_after_s)
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(
@@ -182,10 +190,12 @@ class Ingress:
                 timeout_s or self.settings.storage_timeout_s,
             )
         except TimeoutError:
+            self._storage_down_until = time.monotonic() + STORAGE_DOWN_S
             raise _storage_unavailable(self.settings.retry_after_s) from None
         except Exception as error:
             if isinstance(error, ApiError) or not storage.unreachable(error):
                 raise
+            self._storage_down_until = time.monotonic() + STORAGE_DOWN_S
             raise _storage_unavailable(self.settings.retry_after_s, error) from None
 
     # --- auth -----------------------------------------------------------------------------
