@@ -52,8 +52,9 @@ def test_a_superseded_attempts_state_writes_are_refused_and_never_read(tmp_path:
     store.put_record(record)
 
     late = State(status="completed", attempt=1, outputs={"video": "zombie.mp4"}, heartbeat_at=time.time())
-    with pytest.raises(Superseded, match="superseded by attempt 2"):
+    with pytest.raises(Superseded, match="superseded by attempt 2") as refused:
         store.put_state(record.id, late)
+    assert refused.value.reason == "superseded"
     assert store.get_state(record.id, 1).status == "in_progress"  # the refused write left nothing
 
     # Even a write that slipped past the check (it landed between the check and the bump) lands
@@ -65,12 +66,18 @@ def test_a_superseded_attempts_state_writes_are_refused_and_never_read(tmp_path:
     assert store.get_state(record.id, record.attempts).outputs == {"video": "v.mp4"}
 
 
-def test_a_deleted_jobs_writes_are_refused(tmp_path: Path):
+def test_a_cancelled_or_deleted_jobs_writes_are_refused(tmp_path: Path):
     store = JobStore(str(tmp_path))
     record = new_job(store, attempts=1)
-    store.delete_job(record.id)
-    with pytest.raises(Superseded, match="no longer exists"):
+    record.cancelled = True
+    store.put_record(record)
+    with pytest.raises(Superseded, match="was cancelled") as cancelled:
         store.put_state(record.id, State(status="in_progress", attempt=1))
+    assert cancelled.value.reason == "cancelled" and store.get_state(record.id, 1).status == "queued"
+    store.delete_job(record.id)
+    with pytest.raises(Superseded, match="no longer exists") as deleted:
+        store.put_state(record.id, State(status="in_progress", attempt=1))
+    assert deleted.value.reason == "cancelled"
     assert store.job_ids() == []
 
 

@@ -48,9 +48,9 @@ class Reporter:
         with self._lock:
             self.state.heartbeat_at = time.time()
             try:
-                self.store.put_state(self.job_id, self.state)
-            except Superseded:
-                self.check_record()
+                self.store.put_state(self.job_id, self.state)  # fenced: it reads the record too
+            except Superseded as error:
+                self.reason = error.reason
                 raise
             self._written_at = time.time()
 
@@ -78,11 +78,10 @@ class Reporter:
 
     def check_record(self) -> None:
         """Read the record: note a cancellation or a newer attempt in `reason`."""
-        record = self.store.get_record(self.job_id)
-        if record is None or record.cancelled:
-            self.reason = "cancelled"
-        elif record.attempts != self.state.attempt:
-            self.reason = "superseded"
+        try:
+            self.store.check_owner(self.job_id, self.state.attempt)
+        except Superseded as error:
+            self.reason = error.reason
 
     def _beat(self) -> None:
         checked_at = 0.0
@@ -92,13 +91,14 @@ class Reporter:
             if self._stop.is_set():
                 return
             try:
-                if time.time() - checked_at >= 1.0:
+                if woken or time.time() - self._written_at >= self.period_s:
+                    self._put()  # its fence reads the record: no second read for the check
+                    checked_at = time.time()
+                elif time.time() - checked_at >= 1.0:
                     self.check_record()
                     checked_at = time.time()
                 if self.reason is not None:
                     return
-                if woken or time.time() - self._written_at >= self.period_s:
-                    self._put()
             except Superseded:
                 return
             except Exception as error:  # storage hiccup: the next beat tries again
@@ -153,15 +153,15 @@ def execute_job(
             reporter.write(
                 status="completed", progress=100.0, finished_at=time.time(), timings=timings, outputs=outputs
             )
-        except Superseded:
-            reporter.reason = reporter.reason or "superseded"
+        except Superseded as error:
+            reporter.reason = error.reason
         except GenerationCancelled:
             pass
         except (UserInputError, FileNotFoundError, ValueError) as error:
             try:
                 reporter.write(status="failed", error=str(error), finished_at=time.time())
-            except Superseded:
-                reporter.reason = reporter.reason or "superseded"
+            except Superseded as error:
+                reporter.reason = error.reason
             else:
                 return "failed"
     if reporter.reason is None:

@@ -60,8 +60,8 @@ class Generator:
             )
             try:
                 await asyncio.to_thread(self.store.put_state, job_id, failed)
-            except Superseded:
-                return "superseded"
+            except Superseded as superseded:  # a newer attempt owns the job, or it was cancelled
+                return superseded.reason
             return "failed"
         return await asyncio.to_thread(self._run, job_id, attempt, loaded, record.adapter_alpha)
 

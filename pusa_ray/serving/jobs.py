@@ -69,7 +69,12 @@ class State:
 
 
 class Superseded(Exception):
-    """A write for an attempt that is no longer the job's current one (or for a deleted job)."""
+    """A write for an attempt that no longer owns its job: `reason` is `superseded` (a newer
+    attempt does) or `cancelled` (the job was cancelled or deleted)."""
+
+    def __init__(self, message: str, reason: str = "superseded") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def new_job_id() -> str:
@@ -122,16 +127,20 @@ class JobStore:
         return self.path(job_id, "attempts", str(attempt), *parts)
 
     def check_owner(self, job_id: str, attempt: int) -> Record:
-        """The job's record, if it still names `attempt` as current; `Superseded` otherwise."""
+        """The job's record, if it still names `attempt` as current and is not cancelled;
+        `Superseded` otherwise."""
         record = self.get_record(job_id)
         if record is None:
-            raise Superseded(f"job {job_id} no longer exists")
+            raise Superseded(f"job {job_id} no longer exists", "cancelled")
+        if record.cancelled:
+            raise Superseded(f"job {job_id} was cancelled", "cancelled")
         if record.attempts != attempt:
             raise Superseded(f"attempt {attempt} of {job_id} was superseded by attempt {record.attempts}")
         return record
 
     def put_state(self, job_id: str, state: State) -> None:
-        """Write attempt `state.attempt`'s state, fenced: refused once a newer attempt owns the job."""
+        """Write attempt `state.attempt`'s state, fenced: refused once a newer attempt owns the job
+        (or it was cancelled)."""
         uri = self._attempt_path(job_id, state.attempt, "state.json")
         self.check_owner(job_id, state.attempt)
         self._write_json(uri, asdict(state))
