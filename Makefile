@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean pusa-mini
+.PHONY: install browser demo test test-fast lint bench clean pusa-mini
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,11 +24,20 @@ demo: $(STAMP)
 		--image pusa_ray/mini/examples/red-circle-right.png --out out/demo.mp4
 	@echo "wrote out/demo.mp4"
 
-test: $(STAMP)
+# The studio page's tests drive Debian's headless Chromium (tests/test_studio.py): installed here
+# when missing and this runs as root, else the tests say what to install.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q; apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+		else echo "note: the page tests need chromium and chromium-driver (apt-get install as root)"; fi; \
+	fi
+
+test: $(STAMP) browser
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not ray and not s3"
+	$(BIN)/python -m pytest -q -m "not ray and not s3 and not browser"
 
 # Trains pusa-mini from scratch with our own jobs (about 1.5 h on 2 CPUs; resumable: rerun to continue)
 # and copies the result into pusa_ray/weights/pusa-mini. Not needed by `make demo` or `make test`.

@@ -30,6 +30,8 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 TEXT_LENGTH = 512  # Wan pads every prompt to 512 tokens.
+# What a preset's `defaults` fall back to (Pusa's sampling defaults).
+SAMPLING_DEFAULTS: dict[str, Any] = {"steps": 10, "guidance": 3.0, "shift": 5.0, "schedule": "sync"}
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -58,6 +60,18 @@ class ModelSpec:
     vocabulary: tuple[str, ...] | None = None
     # What classifier-free guidance pushes away from when a request names no negative prompt.
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """steps, guidance, shift, schedule, fps and the negative prompt a request leaves out."""
+        values = {**SAMPLING_DEFAULTS, **self.defaults}
+        return {
+            "steps": int(values["steps"]),
+            "guidance": float(values["guidance"]),
+            "shift": float(values["shift"]),
+            "schedule": str(values["schedule"]),
+            "fps": self.fps,
+            "negative_prompt": self.negative_prompt,
+        }
 
     @property
     def architecture(self) -> dict[str, Any]:

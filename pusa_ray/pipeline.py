@@ -48,17 +48,9 @@ class Generation:
 def default_settings(components: Components, **overrides: object) -> SamplingSettings:
     """The preset's defaults, with the given non-None values replacing them."""
     spec = components.spec
-    values = {
-        "frames": spec.frames,
-        "height": spec.height,
-        "width": spec.width,
-        "steps": int(spec.defaults.get("steps", 10)),
-        "guidance": float(spec.defaults.get("guidance", 3.0)),
-        "shift": float(spec.defaults.get("shift", 5.0)),
-        "seed": 0,
-        "negative_prompt": spec.negative_prompt,
-        "schedule": str(spec.defaults.get("schedule", "sync")),
-    }
+    values = {"frames": spec.frames, "height": spec.height, "width": spec.width, "seed": 0}
+    values.update(spec.sampling_defaults())
+    del values["fps"]
     values.update({key: value for key, value in overrides.items() if value is not None})
     return SamplingSettings(**values)  # type: ignore[arg-type]
 

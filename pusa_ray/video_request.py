@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -152,14 +153,23 @@ def run_request(
     return generate(components, request.prompt, conditions, settings, progress, should_cancel)
 
 
-def write_outputs(result: Generation, fps: float, video_uri: str, latents_uri: str) -> None:
-    """The latents (safetensors, tensor `latents`), then the mp4: a video in storage marks the pair done."""
+def write_outputs(
+    result: Generation, fps: float, video_uri: str, latents_uri: str, thumbnail_uri: str | None = None
+) -> None:
+    """The latents (safetensors, tensor `latents`), the first frame as a PNG when asked for, then the
+    mp4: a video in storage marks the outputs done."""
+    from PIL import Image
     from safetensors.torch import save as save_safetensors
 
     from pusa_ray import storage, video
 
     storage.write_bytes(latents_uri, save_safetensors({"latents": result.latents.float().contiguous()}))
+    frames = video.tensor_to_frames(result.video)
+    if thumbnail_uri is not None:
+        buffer = io.BytesIO()
+        Image.fromarray(frames[0]).save(buffer, format="PNG")
+        storage.write_bytes(thumbnail_uri, buffer.getvalue())
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / "video.mp4"
-        video.write_mp4(local, video.tensor_to_frames(result.video), fps)
+        video.write_mp4(local, frames, fps)
         storage.upload_file(local, video_uri)

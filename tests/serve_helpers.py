@@ -66,6 +66,21 @@ def local_config(port: int, storage_root: str, adapters_prefix: str, inputs_pref
     return config
 
 
+def deploy_on(bucket: str, model: str) -> str:
+    """Deploy serve/config.local.yaml with its storage under `bucket` (`serve/`, `adapters/`,
+    `inputs/`) and the API key on; the service's base URL."""
+    port = serve_port()
+    config = local_config(
+        port,
+        storage_root=f"{bucket}/serve",
+        adapters_prefix=f"{bucket}/adapters",
+        inputs_prefix=f"{bucket}/inputs",
+        model=model,
+    )
+    deploy(config)
+    return f"http://127.0.0.1:{port}"
+
+
 def deploy(config: dict, timeout_s: float = 180.0) -> None:
     """Deploy a config the way `serve run config.yaml` does, and wait until the app is RUNNING."""
     from ray import serve

@@ -9,12 +9,14 @@ attempt owns a job, what counts as a failure, and what users see.
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pusa_ray import storage, video
 from pusa_ray.serving.dispatch import RUNNING_ELSEWHERE, Dispatcher, DispatchSettings
@@ -132,6 +134,11 @@ def test_a_zombie_attempt_stops_and_the_new_attempt_completes(tmp_path: Path, co
     )
     frames, _fps = video.read_video(storage.read_bytes(state.outputs["video"]))
     assert frames.shape[0] == SMALL["frames"] and frames.dtype == np.uint8
+    assert (state.step, state.steps) == (40, 40)  # the progress in steps, as the job view shows it
+    # the thumbnail is the first frame (before the mp4's compression: close to it, not equal)
+    thumbnail = np.asarray(Image.open(io.BytesIO(storage.read_bytes(state.outputs["thumbnail"]))))
+    assert thumbnail.shape == frames.shape[1:]
+    assert np.abs(thumbnail.astype(int) - frames[0].astype(int)).mean() < 8
 
 
 # --- the dispatcher's protocol ------------------------------------------------------------------

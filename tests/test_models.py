@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
+from pusa_ray.models.description import sampling_defaults
 from pusa_ray.models.loading import load_components, save_model_dir
 from pusa_ray.models.text import encode_prompts
 from pusa_ray.pipeline import default_settings, generate
@@ -161,3 +162,9 @@ def test_model_directory_round_trip(tiny, tmp_path):
     a = generate(tiny, "a cat", [], settings)
     b = generate(loaded, "a cat", [], settings)
     assert torch.equal(a.latents, b.latents)
+    # the service's advertised defaults (GET /v1/models) are what the loaded model samples with
+    advertised = sampling_defaults(str(tmp_path / "model"))
+    loaded_defaults = default_settings(loaded)
+    for name in ("steps", "guidance", "shift", "schedule", "negative_prompt"):
+        assert advertised[name] == getattr(loaded_defaults, name), name
+    assert advertised["fps"] == loaded.spec.fps and advertised == sampling_defaults("tiny")

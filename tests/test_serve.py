@@ -13,14 +13,13 @@ from pusa_ray import storage, video
 from pusa_ray.checkpoints import adapters as published
 from pusa_ray.checkpoints import lora
 from pusa_ray.cli import main as cli_main
+from pusa_ray.config import PRESETS
 from tests.serve_helpers import (
     API_KEY,
     Api,
-    deploy,
-    local_config,
+    deploy_on,
     mp4_bytes,
     png_b64,
-    serve_port,
 )
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(900)]
@@ -39,16 +38,7 @@ def bucket(s3_server) -> str:
 def api(ray_cluster, bucket) -> Api:
     from ray import serve
 
-    port = serve_port()
-    config = local_config(
-        port,
-        storage_root=f"{bucket}/serve",
-        adapters_prefix=f"{bucket}/adapters",
-        inputs_prefix=f"{bucket}/inputs",
-        model="tiny",
-    )
-    deploy(config)
-    yield Api(f"http://127.0.0.1:{port}")
+    yield Api(deploy_on(bucket, "tiny"))
     serve.delete("pusa")
 
 
@@ -91,6 +81,25 @@ def test_health_and_models(api):
     assert api.get("/healthz").json()["status"] == "ok"
     models = api.get("/v1/models").json()
     assert models["model"]["id"] == "tiny" and models["model"]["architecture"]["num_layers"] == 2
+    # what a request leaves out, the service's bounds and each task's inputs (the studio page reads them)
+    tiny = PRESETS["tiny"]
+    assert models["defaults"] == {
+        "frames": tiny.frames,
+        "height": tiny.height,
+        "width": tiny.width,
+        "steps": 4,
+        "guidance": 3.0,
+        "shift": 5.0,
+        "schedule": "sync",
+        "fps": tiny.fps,
+        "negative_prompt": tiny.negative_prompt,
+        "seed": 0,
+    }
+    assert models["limits"]["max_frames"] == 33 and models["limits"]["max_steps"] == 50
+    assert models["tasks"]["transition"] == {
+        "needs": ["video", "end_video"],
+        "optional": ["cond_frames", "end_frames"],
+    }
     assert api.get("/openapi.json").status_code == 200
 
 
@@ -368,13 +377,23 @@ def test_the_client_submits_waits_and_downloads(api, tmp_path, capsys):
     ]
     assert cli_main(argv) == 0
     view = __import__("json").loads(capsys.readouterr().out)
-    assert view["status"] == "completed" and view["task"] == "i2v"
+    assert view["status"] == "completed" and view["task"] == "i2v" and view["prompt"] == "a red frame"
     assert video.probe_video(tmp_path / "a.mp4")["frames"] == 9
     assert (
         cli_main([*common, "download", view["id"], "--variant", "latents", "--out", str(tmp_path / "l.st")])
         == 0
     )
     assert load_safetensors((tmp_path / "l.st").read_bytes())["latents"].shape == (1, 16, 3, 4, 6)
+    assert (
+        cli_main(
+            [*common, "download", view["id"], "--variant", "thumbnail", "--out", str(tmp_path / "t.png")]
+        )
+        == 0
+    )
+    assert Image.open(tmp_path / "t.png").size == (48, 32)
+    thumbnail = api.get(f"/v1/videos/{view['id']}/content", params={"variant": "thumbnail"})
+    assert thumbnail.headers["content-type"] == "image/png"
+    assert thumbnail.headers["content-disposition"] == f'inline; filename="{view["id"]}.png"'
     capsys.readouterr()
     assert cli_main(["client", "--url", api.base, "status", view["id"]]) == 2  # no key
     assert "HTTP 401" in capsys.readouterr().err

@@ -17,14 +17,12 @@ from pusa_ray import storage, video
 from pusa_ray.models.loading import load_components, save_model_dir
 from tests.serve_helpers import (
     Api,
-    deploy,
+    deploy_on,
     final_views,
     first_running,
-    local_config,
     replica_tags,
     replicas,
     running_state,
-    serve_port,
     sigkill_replica,
     submit_all,
     wait_for,
@@ -49,16 +47,7 @@ def api(ray_cluster, s3_server, slow_model) -> Api:
 
     bucket = f"s3://scale-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=bucket[5:])
-    port = serve_port()
-    config = local_config(
-        port,
-        storage_root=f"{bucket}/serve",
-        adapters_prefix=f"{bucket}/adapters",
-        inputs_prefix=f"{bucket}/inputs",
-        model=slow_model,
-    )
-    deploy(config)
-    client = Api(f"http://127.0.0.1:{port}")
+    client = Api(deploy_on(bucket, slow_model))
     client.bucket, client.root = bucket, f"{bucket}/serve"
     yield client
     serve.delete("pusa")

@@ -165,7 +165,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     download = actions.add_parser("download")
     download.add_argument("job_id")
     download.add_argument("--out", type=Path, required=True)
-    download.add_argument("--variant", choices=["video", "latents"], default="video")
+    download.add_argument("--variant", choices=["video", "latents", "thumbnail"], default="video")
     actions.add_parser("list").add_argument("--limit", type=int, default=20)
     for action in actions.choices.values():
         _add_connection_flags(action, with_defaults=False)

@@ -172,3 +172,14 @@ def saved_spec(model: str) -> dict[str, Any]:
         return json.loads(storage.read_bytes(storage.join(model, "pusa_ray.json")))
     except FileNotFoundError:
         return {}
+
+
+def sampling_defaults(model: str) -> dict[str, Any]:
+    """What a request to `model` leaves out is sampled with (`ModelSpec.sampling_defaults`): a
+    preset's own, or for a model directory those of the preset it was saved from (`pusa_ray.json`),
+    else Wan2.1's, as the loader resolves them."""
+    if model in PRESETS:
+        return PRESETS[model].sampling_defaults()
+    saved = saved_spec(model)
+    base = PRESETS.get(saved.get("preset") or "", PRESETS["wan2.1-t2v-1.3b"])
+    return {**base.sampling_defaults(), **({"fps": saved["fps"]} if "fps" in saved else {})}

@@ -73,6 +73,7 @@ class Reporter:
     def progress(self, done: int, total: int) -> None:
         """Sampler callback: memory only; the thread writes it."""
         self.state.progress = round(100.0 * done / total, 1)
+        self.state.step, self.state.steps = done, total
         if done == total or time.time() - self._written_at >= 0.25:
             self._wake.set()
 
@@ -144,7 +145,13 @@ def execute_job(
             if reporter.reason is not None:
                 raise GenerationCancelled(f"{reporter.reason} before its outputs were written")
             outputs = {variant: store.output_uri(job_id, attempt, variant) for variant in OUTPUTS}
-            write_outputs(result, request.fps or components.spec.fps, outputs["video"], outputs["latents"])
+            write_outputs(
+                result,
+                request.fps or components.spec.fps,
+                outputs["video"],
+                outputs["latents"],
+                outputs["thumbnail"],
+            )
             timings = {
                 "prepare_s": prepared - started,
                 "sample_s": sampled - prepared,

@@ -15,6 +15,7 @@ naming storage (never a hang or a 500), and `/healthz` says storage is unreachab
 import asyncio
 import functools
 import hmac
+import importlib.resources
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,19 +32,24 @@ from pusa_ray.checkpoints import adapters as published
 from pusa_ray.conditioning import latents_for_frames
 from pusa_ray.config import PRESETS
 from pusa_ray.errors import UserInputError
-from pusa_ray.models.description import describe_model
+from pusa_ray.models.description import describe_model, sampling_defaults
 from pusa_ray.serving.dispatch import Dispatcher, DispatchSettings, log_event
 from pusa_ray.serving.errors import ApiError, field_of, install_error_handlers
 from pusa_ray.serving.jobs import TERMINAL_STATES, JobStore, Record, State, job_status, new_job_id
 from pusa_ray.serving.schemas import JobList, JobView
 from pusa_ray.serving.settings import ServiceSettings
-from pusa_ray.tasks import VideoShape, validate_inputs
+from pusa_ray.tasks import TASK_FIELDS, VideoShape, validate_inputs
 from pusa_ray.video_request import Media, VideoRequest, task_inputs
 
 STORAGE_THREADS = 32  # blocking storage calls of one ingress; a stalled endpoint must not starve it
 HEALTH_PROBE_S = 2.0  # /healthz waits at most this long on storage
 STORAGE_DOWN_S = 1.0  # after storage failed a request, the next ones answer 503 at once for this long
 CONTENT_TIMEOUT_S = 120.0  # a whole video is read within this
+CONTENT_TYPES = {  # variant -> media type, file suffix, Content-Disposition
+    "video": ("video/mp4", ".mp4", "attachment"),
+    "latents": ("application/octet-stream", ".safetensors", "attachment"),
+    "thumbnail": ("image/png", ".png", "inline"),
+}
 
 api = FastAPI(
     title="pusa-ray",
@@ -123,6 +129,23 @@ class RayJobEvents:
         self.failures.inc()
 
 
+STUDIO_FILES = {"index.html": "text/html", "studio.js": "text/javascript", "studio.css": "text/css"}
+# The page may load and call this service only (its media are blob: URLs of API responses).
+STUDIO_POLICY = "default-src 'self'; img-src 'self' blob:; media-src 'self' blob:; object-src 'none'"
+
+
+@functools.cache
+def _studio_file(name: str) -> bytes:
+    return (importlib.resources.files("pusa_ray.serving") / "studio" / name).read_bytes()
+
+
+def _studio_response(name: str) -> Response:
+    """A file of the studio page (`pusa_ray/serving/studio/`): plain HTML, CSS and JS, no build step,
+    nothing fetched from outside the service."""
+    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": STUDIO_POLICY}
+    return Response(_studio_file(name), media_type=STUDIO_FILES[name], headers=headers)
+
+
 def _storage_unavailable(retry_after_s: int, error: BaseException | None = None) -> ApiError:
     detail = f" ({type(error).__name__}: {error})" if error is not None and str(error) else ""
     return ApiError(
@@ -168,6 +191,9 @@ class Ingress:
         self.shape_defaults = tuple(
             getattr(described, name, None) or getattr(wan, name) for name in ("frames", "height", "width")
         )
+        sampling = await asyncio.to_thread(sampling_defaults, self.settings.model)
+        shape = dict(zip(("frames", "height", "width"), self.shape_defaults, strict=True))
+        self.request_defaults = {**shape, **sampling, "seed": 0}  # what a request leaves out
         self._replicas: tuple[float, int | None] = (0.0, None)
         self._storage_down_until = 0.0  # time.monotonic() before which storage counts as down
         self._janitor = asyncio.get_running_loop().create_task(self.dispatcher.janitor())
@@ -226,7 +252,10 @@ class Ingress:
             id=record.id,
             status=status,
             progress=100.0 if status == "completed" else state.progress if status == "in_progress" else 0.0,
+            step=state.step if status == "in_progress" else None,
+            steps=state.steps if status == "in_progress" else None,
             task=record.task,
+            prompt=record.prompt,
             created_at=record.created_at,
             started_at=state.started_at,
             finished_at=state.finished_at if status in ("completed", "failed") else None,
@@ -336,6 +365,7 @@ class Ingress:
         record = Record(
             id=job_id,
             task=body.task,
+            prompt=body.prompt,
             created_at=time.time(),
             attempts=1,
             adapter=adapter,
@@ -388,7 +418,7 @@ class Ingress:
     async def content(
         self,
         job_id: str,
-        variant: str = Query(default="video", pattern="^(video|latents)$"),
+        variant: str = Query(default="video", pattern="^(video|latents|thumbnail)$"),
         key: str | None = Depends(_bearer_key),
     ) -> Response:
         self._authorize(key)
@@ -397,12 +427,12 @@ class Ingress:
         status = job_status(record, state, time.time(), self.settings.lease_s)
         if status != "completed":
             raise ApiError(409, f"job {job_id!r} is {status}, not completed", "id")
+        if variant not in state.outputs:  # a job finished before the service wrote thumbnails
+            raise ApiError(404, f"job {job_id!r} has no {variant} output", "variant")
         data = await self._io(storage.read_bytes, state.outputs[variant], timeout_s=CONTENT_TIMEOUT_S)
-        media_type = "video/mp4" if variant == "video" else "application/octet-stream"
-        filename = f"{job_id}.mp4" if variant == "video" else f"{job_id}.safetensors"
-        return Response(
-            data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
-        )
+        media_type, suffix, disposition = CONTENT_TYPES[variant]
+        headers = {"Content-Disposition": f'{disposition}; filename="{job_id}{suffix}"'}
+        return Response(data, media_type=media_type, headers=headers)
 
     @api.get("/v1/videos", response_model=JobList)
     async def list_jobs(
@@ -447,7 +477,28 @@ class Ingress:
         return {
             "model": {"id": self.settings.model, "architecture": self.model_architecture},
             "adapters": listed,
+            "defaults": self.request_defaults,
+            "limits": self.settings.limits.model_dump(),
+            "tasks": {
+                task: {"needs": list(need), "optional": list(more)}
+                for task, (need, more) in TASK_FIELDS.items()
+            },
         }
+
+    # --- the studio page: static files of the package, every action through the API above ---
+    @api.get("/", include_in_schema=False)
+    async def studio_root(self) -> Response:
+        return _studio_response("index.html")
+
+    @api.get("/studio", include_in_schema=False)
+    async def studio(self) -> Response:
+        return _studio_response("index.html")
+
+    @api.get("/studio/{name}", include_in_schema=False)
+    async def studio_asset(self, name: str) -> Response:
+        if name not in STUDIO_FILES:
+            raise ApiError(404, f"no studio file {name!r}", "name")
+        return _studio_response(name)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -31,7 +31,7 @@ from typing import Any
 
 from pusa_ray import storage
 
-OUTPUTS = {"video": "video.mp4", "latents": "latents.safetensors"}
+OUTPUTS = {"video": "video.mp4", "latents": "latents.safetensors", "thumbnail": "thumbnail.png"}
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 
 
@@ -49,6 +49,7 @@ class Record:
     adapter: str | None = None  # the adapter's weights URI
     adapter_alpha: float = 1.4
     idempotency_key: str | None = None
+    prompt: str | None = None  # shown in job lists
 
 
 @dataclass
@@ -57,6 +58,8 @@ class State:
 
     status: str = "queued"  # in_progress | completed | failed
     progress: float = 0.0
+    step: int | None = None  # sampler steps done of `steps`
+    steps: int | None = None
     heartbeat_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None

@@ -15,7 +15,10 @@ class JobView(BaseModel):
     id: str
     status: JobStatus
     progress: float = 0.0
+    step: int | None = None  # sampler steps done of `steps`, while in progress
+    steps: int | None = None
     task: str
+    prompt: str | None = None
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
