@@ -37,7 +37,7 @@ test: $(STAMP) browser
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not ray and not s3 and not browser"
+	$(BIN)/python -m pytest -q -m "not ray and not s3 and not browser and not slow"
 
 # Trains pusa-mini from scratch with our own jobs (about 1.5 h on 2 CPUs; resumable: rerun to continue)
 # and copies the result into pusa_ray/weights/pusa-mini. Not needed by `make demo` or `make test`.

@@ -31,7 +31,13 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 TEXT_LENGTH = 512  # Wan pads every prompt to 512 tokens.
 # What a preset's `defaults` fall back to (Pusa's sampling defaults).
-SAMPLING_DEFAULTS: dict[str, Any] = {"steps": 10, "guidance": 3.0, "shift": 5.0, "schedule": "sync"}
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "steps": 10,
+    "guidance": 3.0,
+    "shift": 5.0,
+    "schedule": "sync",
+    "cache": "off",  # step caching (`pusa_ray.step_cache`); a preset may default it on
+}
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -62,13 +68,14 @@ class ModelSpec:
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
 
     def sampling_defaults(self) -> dict[str, Any]:
-        """steps, guidance, shift, schedule, fps and the negative prompt a request leaves out."""
+        """steps, guidance, shift, schedule, cache, fps and the negative prompt a request leaves out."""
         values = {**SAMPLING_DEFAULTS, **self.defaults}
         return {
             "steps": int(values["steps"]),
             "guidance": float(values["guidance"]),
             "shift": float(values["shift"]),
             "schedule": str(values["schedule"]),
+            "cache": str(values["cache"]),
             "fps": self.fps,
             "negative_prompt": self.negative_prompt,
         }

@@ -5,6 +5,7 @@ Used by the CLI, the Serve generator and batch jobs. Holds no state between call
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,8 +16,9 @@ from pusa_ray.config import DEFAULT_NEGATIVE_PROMPT
 from pusa_ray.errors import UserInputError
 from pusa_ray.models.loading import Components
 from pusa_ray.models.text import encode_prompts
-from pusa_ray.names import SCHEDULES
+from pusa_ray.names import SCHEDULES, parse_cache
 from pusa_ray.sampler import ProgressCallback, guided_denoiser, initial_noise, sample
+from pusa_ray.step_cache import make_cache
 from pusa_ray.timesteps import frame_schedule
 
 
@@ -35,6 +37,8 @@ class SamplingSettings:
     # "sync" or "lead" (`timesteps.frame_schedule`); "lead" applies where no frame is given (T2V):
     # with given frames the video already grows from them, and every frame shares the steps.
     schedule: str = "sync"
+    # step caching (`pusa_ray.step_cache`): "off", "first-block" or "first-block:THRESHOLD"
+    cache: str = "off"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Generation:
 
     latents: torch.Tensor
     video: torch.Tensor
+    reused_steps: int = 0  # steps that the step cache answered without running every block
 
 
 def default_settings(components: Components, **overrides: object) -> SamplingSettings:
@@ -56,7 +61,7 @@ def default_settings(components: Components, **overrides: object) -> SamplingSet
 
 
 SETTING_FIELDS = (
-    "frames", "height", "width", "steps", "guidance", "shift", "seed", "negative_prompt", "schedule"
+    "frames", "height", "width", "steps", "guidance", "shift", "seed", "negative_prompt", "schedule", "cache"
 )  # fmt: skip
 
 
@@ -81,7 +86,23 @@ def validate_settings(components: Components, settings: SamplingSettings) -> int
         raise UserInputError(f"shift must be > 0, got {settings.shift}")
     if settings.schedule not in SCHEDULES:
         raise UserInputError(f"unknown schedule {settings.schedule!r} (known: {', '.join(SCHEDULES)})")
+    try:
+        parse_cache(settings.cache)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
     return latents_for_frames(settings.frames, codec.temporal_factor)
+
+
+def _encode(components: Components, prompts: list[str]) -> torch.Tensor:
+    """Prompt embeddings; an offloaded text encoder visits the device for this call only."""
+    encoder = components.text_encoder
+    if not components.offload_text_encoder:
+        return encode_prompts(components.tokenizer, encoder, prompts, components.spec.text_length)
+    encoder.to(components.device)
+    try:
+        return encode_prompts(components.tokenizer, encoder, prompts, components.spec.text_length)
+    finally:
+        encoder.to("cpu")
 
 
 @torch.no_grad()
@@ -101,11 +122,11 @@ def generate(
     plan = encode_plan(conditions, codec, num_latents)
 
     prompts = [prompt] if settings.guidance == 1.0 else [prompt, settings.negative_prompt]
-    embeddings = encode_prompts(
-        components.tokenizer, components.text_encoder, prompts, components.spec.text_length
-    )
+    embeddings = _encode(components, prompts)
     negative = embeddings[1:] if len(prompts) == 2 else None
-    denoiser = guided_denoiser(components.model, embeddings[:1], negative, settings.guidance)
+    cache = make_cache(settings.cache)  # one per video: it holds this video's residuals
+    model = components.model if cache is None else functools.partial(components.model, cache=cache)
+    denoiser = guided_denoiser(model, embeddings[:1], negative, settings.guidance)
 
     shape = (1, *codec.latent_shape(settings.frames, settings.height, settings.width))
     noise = initial_noise(shape, settings.seed).to(device)  # [1, C, F_lat, h, w]
@@ -113,4 +134,5 @@ def generate(
     sigmas = frame_schedule(settings.steps, settings.shift, num_latents, schedule)  # [N+1, F]
     latents = sample(denoiser, noise, plan, sigmas, progress, should_cancel)
     video = codec.decode(latents)[0]  # [3, F, H, W]
-    return Generation(latents=latents.cpu(), video=video.cpu())
+    reused = cache.reused if cache is not None else 0
+    return Generation(latents=latents.cpu(), video=video.cpu(), reused_steps=reused)

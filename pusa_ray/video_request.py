@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, field_validator, model_validator
 
 from pusa_ray.config import StrictModel
-from pusa_ray.names import ScheduleName, TaskName
+from pusa_ray.names import ScheduleName, TaskName, parse_cache
 
 if TYPE_CHECKING:
     from pusa_ray.models.loading import Components
@@ -88,6 +88,7 @@ class VideoRequest(StrictModel):
     guidance: float | None = Field(default=None, ge=0.0, le=30.0)
     shift: float | None = Field(default=None, gt=0.0, le=100.0)
     schedule: ScheduleName | None = None  # None: the model's
+    cache: str | None = Field(default=None, max_length=32, description="off, first-block or first-block:T")
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     fps: float | None = Field(default=None, gt=0.0, le=120.0)
     adapter: str | None = Field(default=None, min_length=1, max_length=1024)
@@ -98,6 +99,13 @@ class VideoRequest(StrictModel):
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("is empty")
+        return value
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_policy(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cache(value)
         return value
 
     @field_validator("noise")

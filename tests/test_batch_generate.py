@@ -32,6 +32,8 @@ def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_buc
         {"prompt": "x", "colour": "red"},
         {"name": "typo", "prompt": "x", "stpes": 4},
         "not an object",
+        {"name": "cached", "prompt": "a red circle", **small, "cache": "first-block:0"},  # reuses nothing
+        {"name": "bad-cache", "prompt": "x", "cache": "fast"},
     ]
     storage.write_bytes(
         f"{s3_bucket}/prompts.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode()
@@ -40,10 +42,10 @@ def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_buc
     config.update(input=f"{s3_bucket}/prompts.jsonl", output=f"{s3_bucket}/batch", num_cpus_per_actor=0.5)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
 
-    assert main(["--config", str(tmp_path / "config.yaml")]) == 1  # five of eight fail
+    assert main(["--config", str(tmp_path / "config.yaml")]) == 1  # six of ten fail
     rows = [json.loads(line) for line in storage.read_bytes(f"{s3_bucket}/batch/results.jsonl").splitlines()]
     results = {row["name"]: row for row in rows}
-    assert len(rows) == len(results) == 8
+    assert len(rows) == len(results) == 10
     assert (
         results["red"]["status"]
         == results["i2v-inline"]["status"]
@@ -56,6 +58,12 @@ def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_buc
     assert "stpes" in results["typo"]["error"]
     assert results["line-8"]["status"] == "failed" and "JSON object" in results["line-8"]["error"]
     assert results["missing"]["status"] == "failed" and "none.png" in results["missing"]["error"]
+    assert results["bad-cache"]["status"] == "failed" and "cache" in results["bad-cache"]["error"]
+    # the request's cache setting reaches the actor's sampler: threshold 0 is the uncached video
+    assert results["cached"]["status"] == "completed"
+    assert storage.read_bytes(f"{s3_bucket}/batch/cached.safetensors") == storage.read_bytes(
+        f"{s3_bucket}/batch/red.safetensors"
+    )
     local = tmp_path / "red.mp4"
     local.write_bytes(storage.read_bytes(f"{s3_bucket}/batch/red.mp4"))
     assert video.probe_video(local)["frames"] == 9
@@ -71,7 +79,7 @@ def test_batch_generation_writes_outputs_results_and_resumes(ray_cluster, s3_buc
         json.loads(line) for line in storage.read_bytes(f"{s3_bucket}/batch/results.jsonl").splitlines()
     ]
     rerun = {row["name"]: row for row in rerun_rows}
-    assert len(rerun_rows) == 8  # the rejected lines are reported again, not twice
+    assert len(rerun_rows) == 10  # the rejected lines are reported again, not twice
     assert rerun["red"] == results["red"] and rerun["typo"] == results["typo"]
 
 

@@ -278,6 +278,11 @@ BAD = [
     (["--lora", "x.safetensors"], "x.safetensors"),
     (["--lora-alpha", "1.0"], "without --lora"),
     (["--task", "morph"], "'morph'"),
+    (["--cache", "fast"], "the policy must be one of off, first-block"),
+    (["--cache", "first-block:2"], "the threshold must lie in [0, 1]"),
+    (["--attention-backend", "flashy"], "'flashy' is unknown"),
+    (["--attention-backend", "flash"], "'flash' does not run on this machine"),
+    (["--vae-tiling", "--model", "pusa-mini"], "codec has no VAE to tile"),
 ]
 
 

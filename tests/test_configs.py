@@ -274,11 +274,11 @@ def test_the_preprocessing_job_brings_up_one_training_node_not_serving_nodes():
 
 
 def test_every_service_setting_is_in_the_reference_table():
+    from pusa_ray.models.speed import SpeedSettings
     from pusa_ray.serving.settings import Limits, ServiceSettings
 
     text = (REPO / "docs" / "reference.md").read_text()
-    names = [n for n in ServiceSettings.model_fields if n != "limits"] + [
-        f"limits.{n}" for n in Limits.model_fields
-    ]
+    names = [n for n in ServiceSettings.model_fields if n not in ("limits", "speed")]
+    names += [f"limits.{n}" for n in Limits.model_fields] + [f"speed.{n}" for n in SpeedSettings.model_fields]
     missing = [name for name in names if f"| `{name}` |" not in text]
     assert missing == []

@@ -11,6 +11,8 @@ CORE_MODULES = [
     "pusa_ray.flow",
     "pusa_ray.conditioning",
     "pusa_ray.sampler",
+    "pusa_ray.step_cache",
+    "pusa_ray.models.speed",
     "pusa_ray.models.vta",
     "pusa_ray.models.codec",
     "pusa_ray.models.text",

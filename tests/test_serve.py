@@ -91,6 +91,7 @@ def test_health_and_models(api):
         "guidance": 3.0,
         "shift": 5.0,
         "schedule": "sync",
+        "cache": "off",
         "fps": tiny.fps,
         "negative_prompt": tiny.negative_prompt,
         "seed": 0,
@@ -149,6 +150,30 @@ def test_same_seed_gives_the_cli_latents(api, tmp_path):
     local = load_safetensors((tmp_path / "a.safetensors").read_bytes())["latents"]
     # Ray pins each replica's torch threads, so the sums run in another order: equal to float tolerance.
     torch.testing.assert_close(served["latents"], local, rtol=1e-4, atol=1e-4)
+
+
+def test_the_cache_field_reaches_the_sampler(api):
+    body = {"prompt": "a blue circle", **SMALL, "steps": 6, "seed": 4}
+    ids = {
+        cache: api.post({**body, "cache": cache} if cache else body).json()["id"]
+        for cache in (None, "first-block:0", "first-block:0.9")
+    }
+    views = {cache: api.wait(job_id) for cache, job_id in ids.items()}
+    assert [view["parameters"]["cache"] for view in views.values()] == [
+        "off",
+        "first-block:0",
+        "first-block:0.9",
+    ]
+    assert views[None]["parameters"]["speed"]["attention_backend"] == "native"  # the replica's levers
+    latents = {
+        cache: load_safetensors(
+            api.get(f"/v1/videos/{job_id}/content", params={"variant": "latents"}).content
+        )["latents"]
+        for cache, job_id in ids.items()
+    }
+    # a threshold of 0 reuses nothing (equal to float tolerance: the jobs may run on two replicas)
+    torch.testing.assert_close(latents["first-block:0"], latents[None], rtol=0, atol=1e-5)
+    assert (latents["first-block:0.9"] - latents[None]).abs().max() > 1e-3  # a loose one reused steps
 
 
 def test_eight_concurrent_jobs_complete(api):
@@ -267,6 +292,7 @@ def bad_requests(bucket: str) -> list[tuple[str, dict, int, str]]:
         ("unknown adapter", {"prompt": "x", "adapter": "nobody"}, 404, "adapter"),
         ("adapter path escape", {"prompt": "x", "adapter": "../x"}, 400, "adapter"),
         ("alpha too large", {"prompt": "x", "adapter_alpha": 9}, 400, "adapter_alpha"),
+        ("unknown cache policy", {"prompt": "x", "cache": "fast"}, 400, "cache"),
         (
             "media too large",
             {"prompt": "x", "task": "i2v", "image": {"data": base64.b64encode(b"\0" * 5_000_000).decode()}},

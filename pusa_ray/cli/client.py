@@ -30,7 +30,18 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/videos body from `generate`-style flags."""
 
     body: dict[str, Any] = {"task": args.task, "prompt": args.prompt, "seed": args.seed}
-    fields = ("negative_prompt", "frames", "height", "width", "steps", "guidance", "shift", "schedule", "fps")
+    fields = (
+        "negative_prompt",
+        "frames",
+        "height",
+        "width",
+        "steps",
+        "guidance",
+        "shift",
+        "schedule",
+        "cache",
+    )
+    fields += ("fps",)
     for name in fields:
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)

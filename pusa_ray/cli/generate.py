@@ -8,6 +8,7 @@ import sys
 
 from pusa_ray.cli.flags import TASK_HELP, add_generation_flags, lora_pairs, parse_cond
 from pusa_ray.errors import UserInputError
+from pusa_ray.models.speed import SpeedSettings
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -20,6 +21,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_generation_flags(gen)
 
 
+def speed_settings(args: argparse.Namespace) -> SpeedSettings:
+    """The speed and memory flags as the settings a service or batch job takes."""
+    from pydantic import ValidationError
+
+    try:
+        return SpeedSettings(
+            compile=args.compile,
+            attention_backend=args.attention_backend,
+            offload_text_encoder=args.offload_text_encoder,
+            vae_tiling=args.vae_tiling,
+        )
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise UserInputError(
+            f"--{'-'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}"
+        ) from None
+
+
 def run_generate(args: argparse.Namespace) -> None:
     import torch
     from safetensors.torch import save_file
@@ -27,6 +46,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from pusa_ray import video
     from pusa_ray.models.loading import apply_adapters, load_components
+    from pusa_ray.models.speed import apply_speed_settings
     from pusa_ray.pipeline import generate, settings_from
     from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
 
@@ -35,6 +55,7 @@ def run_generate(args: argparse.Namespace) -> None:
     adapters = lora_pairs(args.lora, args.lora_alpha)
     components = load_components(args.model, device=args.device)
     apply_adapters(components, adapters)
+    apply_speed_settings(components, speed_settings(args))
     settings = settings_from(components, args)
     shape = VideoShape(settings.frames, settings.height, settings.width, components.codec.temporal_factor)
     inputs = TaskInputs(
@@ -65,4 +86,8 @@ def run_generate(args: argparse.Namespace) -> None:
         save_file(
             {"latents": result.latents.to(torch.float32).contiguous()}, str(args.save_latents), metadata
         )
-    print(f"wrote {args.out} ({settings.frames} frames, {settings.width}x{settings.height}, {fps:g} fps)")
+    cached = (
+        f"; cache reused {result.reused_steps} of {settings.steps} steps" if settings.cache != "off" else ""
+    )
+    size = f"{settings.frames} frames, {settings.width}x{settings.height}, {fps:g} fps"
+    print(f"wrote {args.out} ({size}{cached})")

@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError
 from pusa_ray import storage
 from pusa_ray.config import StrictModel, check_plain_name
 from pusa_ray.errors import UserInputError
+from pusa_ray.models.speed import SpeedSettings
 
 
 class AdapterRef(StrictModel):
@@ -45,6 +46,7 @@ class BatchConfig(StrictModel):
     actors: int = Field(default=1, ge=1)
     num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
     num_cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    speed: SpeedSettings = Field(default_factory=SpeedSettings, description="each actor's model")
 
 
 def read_requests(config: BatchConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -85,10 +87,12 @@ class Generate:
 
     def __init__(self, config: dict[str, Any]) -> None:
         from pusa_ray.models.loading import apply_adapters, load_components
+        from pusa_ray.models.speed import apply_speed_settings
 
         self.config = BatchConfig.model_validate(config)
         self.components = load_components(self.config.model, device=self.config.device)
         apply_adapters(self.components, [(ref.uri, ref.alpha) for ref in self.config.adapters])
+        apply_speed_settings(self.components, self.config.speed)
 
     def _generate(self, text: str, video_uri: str, latents_uri: str) -> None:
         from pusa_ray.pipeline import settings_from

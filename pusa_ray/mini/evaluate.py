@@ -39,6 +39,7 @@ import numpy as np
 from pusa_ray.errors import UserInputError
 from pusa_ray.mini import metrics
 from pusa_ray.mini.shapes import STARTS, ClipTruth, DomainSettings, read_truth, write_dataset
+from pusa_ray.names import parse_cache
 
 DEFAULT_MODELS = ("base=pusa-mini-base", "pusa-mini=pusa-mini")
 TASKS = ("t2v", "i2v", "start-end")
@@ -204,9 +205,16 @@ def task_inputs(task: str, clip: HeldoutClip) -> Any:
 
 
 def pipeline_source(
-    components: Any, seed: int, guidance: float | None, schedule: str | None = None
+    components: Any,
+    seed: int,
+    guidance: float | None,
+    schedule: str | None = None,
+    cache: str | None = None,
+    reused: list[int] | None = None,
 ) -> VideoSource:
-    """Generate with a loaded model at the held-out clip's size; clip i uses seed `seed + i`."""
+    """Generate with a loaded model at the held-out clip's size; clip i uses seed `seed + i`.
+    `cache` is the step-cache setting (default: the model's); `reused` collects each video's
+    reused steps."""
     from pusa_ray import video
     from pusa_ray.pipeline import default_settings, generate
     from pusa_ray.tasks import VideoShape, build_conditions
@@ -222,10 +230,13 @@ def pipeline_source(
             guidance=guidance,
             seed=seed + clip.index,
             schedule=schedule,
+            cache=cache,
         )
         shape = VideoShape(frames, height, width, components.codec.temporal_factor)
         conditions = build_conditions(task_inputs(task, clip), shape)
         result = generate(components, clip.truth.caption, conditions, settings)
+        if reused is not None:
+            reused.append(result.reused_steps)
         return video.tensor_to_frames(result.video)
 
     return produce
@@ -242,6 +253,7 @@ def model_sources(
     seed: int,
     guidance: float | None,
     device: str | None,
+    cache: str | None = None,
 ) -> Iterator[tuple[str, VideoSource, tuple[int | None, ...]]]:
     """Load one model at a time (adapters merged): (name, source, step counts; default: the model's)."""
     import gc
@@ -255,7 +267,7 @@ def model_sources(
         apply_adapters(components, list(entry.adapters))
         yield (
             entry.name,
-            pipeline_source(components, seed, guidance, entry.schedule),
+            pipeline_source(components, seed, guidance, entry.schedule, cache),
             tuple(steps or (default_settings(components).steps,)),
         )
         del components
@@ -486,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="clip i is generated with seed SEED + i")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--cache", help="step caching: off, first-block[:T] (default: the model's)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument(
         "--reference",
@@ -536,7 +549,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     min_travel = metrics.min_travel_px(height, width, travel)
 
     reference = [(REFERENCE, reference_source, (None,))] if args.reference else []
-    generated = model_sources(entries, steps, args.seed, args.guidance, args.device)
+    if args.cache is not None:
+        try:
+            parse_cache(args.cache)
+        except ValueError as error:
+            raise UserInputError(f"--cache: {error}") from None
+    generated = model_sources(entries, steps, args.seed, args.guidance, args.device, args.cache)
     rows = evaluate(
         itertools.chain(reference, generated), clips, tasks, min_travel, args.seed, args.out / "results.jsonl"
     )
@@ -547,6 +565,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": f"{frames}x{height}x{width}",
         "seed": args.seed,
         "guidance": args.guidance if args.guidance is not None else "model default",
+        "cache": args.cache or "model default",
         "min_travel_px": min_travel,
         "models": [dataclasses.asdict(entry) for entry in entries],
         "tasks": list(tasks),

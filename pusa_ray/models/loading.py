@@ -12,13 +12,14 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+from transformers.utils import logging as hf_logging
 
 from pusa_ray.config import PRESETS, TEXT_LENGTH, ModelSpec, get_preset
 from pusa_ray.errors import UserInputError
@@ -41,6 +42,9 @@ class Components:
     tokenizer: PreTrainedTokenizerBase
     text_encoder: torch.nn.Module
     device: torch.device
+    # Keep the text encoder in CPU memory between requests, on the device only while it encodes.
+    offload_text_encoder: bool = False
+    speed: dict[str, Any] = field(default_factory=dict)  # the SpeedSettings applied (models/speed.py)
 
     @property
     def model_id(self) -> str:
@@ -277,6 +281,7 @@ def _load_directory(
         vae = vae_config
     else:
         vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would interleave with our output
     text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     vae_settings = vae if isinstance(vae, dict) else dict(vae.config)

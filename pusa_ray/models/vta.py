@@ -10,11 +10,15 @@ per-token path that materialises `[B, L, 6, D]` (GBs at 14B/480p) for identical 
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
+
+if TYPE_CHECKING:
+    from pusa_ray.step_cache import FirstBlockCache
 
 
 def _framed(tokens: torch.Tensor, frames: int) -> torch.Tensor:
@@ -57,6 +61,14 @@ class VTAWanTransformer(nn.Module):
         if tuple(transformer.config.patch_size)[0] != 1:
             raise ValueError(f"VTA needs a temporal patch size of 1, got {transformer.config.patch_size}")
         self.transformer = transformer
+        self.block_forward = vta_block_forward  # `compile_blocks` swaps in a compiled one
+
+    def compile_blocks(self) -> None:
+        """Compile the repeated block with dynamic shapes, so a new resolution or frame count does
+        not recompile per request: our per-frame block function (`torch.compile`) and, for the
+        uniform-timestep path, diffusers' own blocks (`compile_repeated_blocks`, regional)."""
+        self.block_forward = torch.compile(vta_block_forward, dynamic=True)
+        self.transformer.compile_repeated_blocks(dynamic=True)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -67,14 +79,18 @@ class VTAWanTransformer(nn.Module):
         latents: torch.Tensor,  # [B, C, F, H, W]
         timesteps: torch.Tensor,  # [B, F] per latent frame, or [B]
         context: torch.Tensor,  # [B, L_text, text_dim]
+        cache: FirstBlockCache | None = None,
     ) -> torch.Tensor:
-        """Velocity `[B, C, F, H, W]` (float32) for per-frame timesteps."""
+        """Velocity `[B, C, F, H, W]` (float32) for per-frame timesteps; `cache` (one per video)
+        may skip blocks between steps (`pusa_ray.step_cache`)."""
         if timesteps.ndim == 2 and timesteps.shape != latents.shape[:1] + latents.shape[2:3]:
             raise ValueError(
                 f"timesteps {tuple(timesteps.shape)} do not match latents {tuple(latents.shape)}"
             )
         latents = latents.to(self.dtype)
         context = context.to(self.dtype)
+        if cache is not None:
+            return self.cached_forward(latents, timesteps, context, cache).float()
         if timesteps.ndim == 1 or bool((timesteps == timesteps[:, :1]).all()):
             scalar = timesteps if timesteps.ndim == 1 else timesteps[:, 0]
             return self.transformer(latents, scalar, context, return_dict=False)[0].float()
@@ -85,8 +101,7 @@ class VTAWanTransformer(nn.Module):
     ) -> torch.Tensor:
         """The VTA path: modulation per frame, broadcast over the frame's tokens."""
         model = self.transformer
-        batch, _, frames, height, width = latents.shape
-        _, patch_h, patch_w = model.config.patch_size
+        frames = latents.shape[2]
         rotary_emb = model.rope(latents)
         hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
 
@@ -98,16 +113,55 @@ class VTAWanTransformer(nn.Module):
         checkpointing = torch.is_grad_enabled() and model.gradient_checkpointing
         for block in model.blocks:
             if checkpointing:
-                forward = partial(vta_block_forward, block)
+                forward = partial(self.block_forward, block)
                 hidden_states = model._gradient_checkpointing_func(
                     forward, hidden_states, context, modulation, rotary_emb
                 )
             else:
-                hidden_states = vta_block_forward(block, hidden_states, context, modulation, rotary_emb)
+                hidden_states = self.block_forward(block, hidden_states, context, modulation, rotary_emb)
 
+        return self._output(hidden_states, temb, latents.shape)
+
+    def cached_forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, cache: FirstBlockCache
+    ) -> torch.Tensor:
+        """Either path (uniform timesteps: diffusers' own blocks and modulation, per frame: the VTA
+        blocks) with the blocks run through the step cache. Inference only."""
+        model = self.transformer
+        frames = latents.shape[2]
+        rotary_emb = model.rope(latents)
+        hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
+        if timesteps.ndim == 1 or bool((timesteps == timesteps[:, :1]).all()):
+            scalar = timesteps if timesteps.ndim == 1 else timesteps[:, 0]
+            temb, projection, context, _ = model.condition_embedder(
+                scalar, context, None, timestep_seq_len=None
+            )
+            modulation = projection.unflatten(1, (6, -1))  # [B, 6, D]: what diffusers' forward passes
+
+            def run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+                return block(hidden, context, modulation, rotary_emb)
+
+            temb = temb[:, None]  # [B, 1, D]: one modulation for all frames in the output head
+        else:
+            temb, projection, context, _ = model.condition_embedder(
+                timesteps.flatten(), context, None, timestep_seq_len=frames
+            )
+            modulation = projection.unflatten(2, (6, -1))  # [B, F, 6, D]
+
+            def run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+                return self.block_forward(block, hidden, context, modulation, rotary_emb)
+
+        hidden_states = cache.run(hidden_states, model.blocks, run_block, frames)
+        return self._output(hidden_states, temb, latents.shape)
+
+    def _output(self, hidden_states: torch.Tensor, temb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The output norm (modulated per frame by `temb` [B, F or 1, D]), projection, unpatchify."""
+        model = self.transformer
+        batch, _, frames, height, width = shape
+        _, patch_h, patch_w = model.config.patch_size
         table = model.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)  # [B, F, 2, D]
         shift, scale = table.chunk(2, dim=2)  # [B, F, 1, D]
-        normed = _framed(model.norm_out(hidden_states.float()), frames) * (1 + scale) + shift
+        normed = _framed(model.norm_out(hidden_states.float()), temb.shape[1]) * (1 + scale) + shift
         output = model.proj_out(normed.flatten(1, 2).type_as(hidden_states))  # [B, L, C*pH*pW]
 
         grid_h, grid_w = height // patch_h, width // patch_w

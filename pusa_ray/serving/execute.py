@@ -136,7 +136,7 @@ def execute_job(
             reporter.write()
             request = VideoRequest.model_validate(store.get_request(job_id))
             settings = settings_from(components, request)
-            reporter.write(parameters=asdict(settings))
+            reporter.write(parameters={**asdict(settings), "speed": components.speed})
             prepared = time.time()
             result = run_request(
                 components, request, settings, reporter.progress, lambda: reporter.reason is not None
@@ -153,6 +153,7 @@ def execute_job(
                 outputs["thumbnail"],
             )
             timings = {
+                "reused_steps": result.reused_steps,  # by the step cache, when it is on
                 "prepare_s": prepared - started,
                 "sample_s": sampled - prepared,
                 "write_s": time.time() - sampled,

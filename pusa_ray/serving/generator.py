@@ -23,10 +23,12 @@ class Generator:
 
     def __init__(self, settings: dict) -> None:
         from pusa_ray.models.loading import load_components
+        from pusa_ray.models.speed import apply_speed_settings
 
         self.settings = ServiceSettings.model_validate(settings)
         self.store = JobStore(self.settings.storage_root)
         self.components = load_components(self.settings.model, device=self.settings.device)
+        apply_speed_settings(self.components, self.settings.speed)
         self.replica = serve.get_replica_context().replica_tag
         self.lock = threading.Lock()  # one generation at a time, whatever the Serve options say
 

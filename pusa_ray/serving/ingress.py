@@ -193,6 +193,8 @@ class Ingress:
         )
         sampling = await asyncio.to_thread(sampling_defaults, self.settings.model)
         shape = dict(zip(("frames", "height", "width"), self.shape_defaults, strict=True))
+        if self.settings.cache is not None:
+            sampling["cache"] = self.settings.cache  # the service's default, written into requests
         self.request_defaults = {**shape, **sampling, "seed": 0}  # what a request leaves out
         self._replicas: tuple[float, int | None] = (0.0, None)
         self._storage_down_until = 0.0  # time.monotonic() before which storage counts as down
@@ -355,6 +357,8 @@ class Ingress:
         adapter = self._validate(body)
         job_id = new_job_id()
         stored = body.model_dump(mode="json")
+        if body.cache is None and self.settings.cache is not None:
+            stored["cache"] = self.settings.cache
         for name, media in body.media_fields().items():
             if media.data is not None:
                 uri = self.store.put_input(job_id, name.replace(".", "_"), media.decoded())

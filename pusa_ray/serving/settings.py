@@ -7,6 +7,8 @@ import os
 from pydantic import Field, model_validator
 
 from pusa_ray.config import StrictModel
+from pusa_ray.models.speed import SpeedSettings
+from pusa_ray.names import parse_cache
 
 
 class Limits(StrictModel):
@@ -44,12 +46,18 @@ class ServiceSettings(StrictModel):
     storage_timeout_s: float = Field(
         default=5.0, gt=0, description="a request that waits on storage longer answers 503"
     )
+    cache: str | None = Field(
+        default=None, description="step caching of requests that name none (default: the model's)"
+    )
     limits: Limits = Field(default_factory=Limits)
+    speed: SpeedSettings = Field(default_factory=SpeedSettings, description="each generator replica's")
 
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:
         if self.lease_s <= self.heartbeat_s:
             raise ValueError(f"lease_s ({self.lease_s}) must exceed heartbeat_s ({self.heartbeat_s})")
+        if self.cache is not None:
+            parse_cache(self.cache)
         for prefix in self.allowed_input_prefixes:
             if not prefix.startswith("s3://"):
                 raise ValueError(f"allowed_input_prefixes: {prefix!r} is not an s3:// prefix")
