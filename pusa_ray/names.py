@@ -14,9 +14,9 @@ SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
 # Step caching (`pusa_ray.step_cache`): "off", or "first-block[:T[:R]]": reuse the other blocks'
 # residual of the last computed step where the first block's residual changed less than T
-# (default 0.05) in every frame, at most R steps in a row (default 2).
+# (default 0.1) in every frame, at most R steps in a row (default 2).
 CACHE_POLICIES: tuple[str, ...] = ("off", "first-block")
-DEFAULT_CACHE_THRESHOLD = 0.05
+DEFAULT_CACHE_THRESHOLD = 0.1  # near-lossless on pusa-mini (bench/cache.py; README 'Speed')
 DEFAULT_CACHE_MAX_REUSE = 2
 
 

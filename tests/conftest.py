@@ -208,3 +208,19 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "store")
     return request.getfixturevalue("s3_bucket")
+
+
+PREBUILD = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+
+
+@pytest.fixture(scope="session")
+def torch_extensions(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """DeepSpeed's CPU shm_comm op, JIT-built once (about 40 s of CPU) into a cache the workers share.
+
+    Under the repo's .venv the build survives sessions (`make clean` removes it).
+    """
+    venv = Path(__file__).resolve().parent.parent / ".venv"
+    folder = venv / "torch_extensions" if venv.is_dir() else tmp_path_factory.mktemp("torch_extensions")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(folder)}
+    subprocess.run([sys.executable, "-c", PREBUILD], env=env, check=True, capture_output=True, timeout=900)
+    return str(folder)

@@ -66,9 +66,9 @@ def local_config(port: int, storage_root: str, adapters_prefix: str, inputs_pref
     return config
 
 
-def deploy_on(bucket: str, model: str) -> str:
+def deploy_on(bucket: str, model: str, **settings: Any) -> str:
     """Deploy serve/config.local.yaml with its storage under `bucket` (`serve/`, `adapters/`,
-    `inputs/`) and the API key on; the service's base URL."""
+    `inputs/`), the API key on and any other service `settings` given; the service's base URL."""
     port = serve_port()
     config = local_config(
         port,
@@ -77,6 +77,7 @@ def deploy_on(bucket: str, model: str) -> str:
         inputs_prefix=f"{bucket}/inputs",
         model=model,
     )
+    config["applications"][0]["args"].update(settings)
     deploy(config)
     return f"http://127.0.0.1:{port}"
 

@@ -14,6 +14,8 @@ import pytest
 
 from pusa_ray.models.speed import attention_backends
 
+pytestmark = pytest.mark.slow  # a subprocess that builds DeepSpeed's CPU op on a fresh machine (about 45 s)
+
 REPO = Path(__file__).resolve().parents[1]
 FIXED_ROWS = (
     "forward",
@@ -45,12 +47,12 @@ def wan_14b_forward_flops() -> int:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+def smoke(tmp_path_factory: pytest.TempPathFactory, torch_extensions: str) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("bench_gpu") / "gpu.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
         cwd=REPO,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "TORCH_EXTENSIONS_DIR": torch_extensions},
         capture_output=True,
         text=True,
         timeout=300,

@@ -38,7 +38,9 @@ def bucket(s3_server) -> str:
 def api(ray_cluster, bucket) -> Api:
     from ray import serve
 
-    yield Api(deploy_on(bucket, "tiny"))
+    # the service's step-cache default for requests that name none: threshold 0, which reuses
+    # nothing (so every other check here holds as without it) but shows that the default arrives
+    yield Api(deploy_on(bucket, "tiny", cache="first-block:0"))
     serve.delete("pusa")
 
 
@@ -91,7 +93,7 @@ def test_health_and_models(api):
         "guidance": 3.0,
         "shift": 5.0,
         "schedule": "sync",
-        "cache": "off",
+        "cache": "first-block:0",  # the service's default (see the fixture), not the preset's "off"
         "fps": tiny.fps,
         "negative_prompt": tiny.negative_prompt,
         "seed": 0,
@@ -156,12 +158,13 @@ def test_the_cache_field_reaches_the_sampler(api):
     body = {"prompt": "a blue circle", **SMALL, "steps": 6, "seed": 4}
     ids = {
         cache: api.post({**body, "cache": cache} if cache else body).json()["id"]
-        for cache in (None, "first-block:0", "first-block:0.9")
+        for cache in (None, "off", "first-block:0.9")
     }
     views = {cache: api.wait(job_id) for cache, job_id in ids.items()}
+    # a request without a cache gets the service's default (the fixture's); one that names one, its own
     assert [view["parameters"]["cache"] for view in views.values()] == [
-        "off",
         "first-block:0",
+        "off",
         "first-block:0.9",
     ]
     assert views[None]["parameters"]["speed"]["attention_backend"] == "native"  # the replica's levers
@@ -172,8 +175,8 @@ def test_the_cache_field_reaches_the_sampler(api):
         for cache, job_id in ids.items()
     }
     # a threshold of 0 reuses nothing (equal to float tolerance: the jobs may run on two replicas)
-    torch.testing.assert_close(latents["first-block:0"], latents[None], rtol=0, atol=1e-5)
-    assert (latents["first-block:0.9"] - latents[None]).abs().max() > 1e-3  # a loose one reused steps
+    torch.testing.assert_close(latents[None], latents["off"], rtol=0, atol=1e-5)
+    assert (latents["first-block:0.9"] - latents["off"]).abs().max() > 1e-3  # a loose one reused steps
 
 
 def test_eight_concurrent_jobs_complete(api):

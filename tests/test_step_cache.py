@@ -133,7 +133,7 @@ def test_reuse_is_bounded_and_the_first_step_is_computed():
     "text,expected",
     [
         ("off", ("off", 0.0, 0)),
-        ("first-block", ("first-block", 0.05, 2)),
+        ("first-block", ("first-block", 0.1, 2)),
         ("first-block:0.2", ("first-block", 0.2, 2)),
         ("first-block:0.2:3", ("first-block", 0.2, 3)),
     ],
@@ -183,6 +183,9 @@ def test_the_attention_backend_is_checked_on_this_machine_and_applied(tiny):
     apply_speed_settings(components, SpeedSettings(attention_backend="_native_math"))
     backends = {block.attn1.processor._attention_backend for block in components.model.transformer.blocks}
     assert backends == {"_native_math"} and components.speed["attention_backend"] == "_native_math"
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    assert _AttentionBackendRegistry._active_backend == "native"  # other models in the process keep theirs
     math = generate(components, "a cat", [], settings)
     torch.testing.assert_close(math.latents, native.latents, rtol=1e-4, atol=1e-5)
 
@@ -210,3 +213,12 @@ def test_compiled_blocks_give_the_eager_output(tiny):
         compiled = generate(components, "a cat", [], settings)
         torch.testing.assert_close(compiled.latents, eager.latents, rtol=0, atol=1e-5)
     assert counters["stats"]["unique_graphs"] >= 2  # both block kinds ran compiled, not eager
+
+
+def test_a_presets_cache_default_applies_where_a_request_names_none(tiny):
+    spec = dataclasses.replace(tiny.spec, defaults={**tiny.spec.defaults, "cache": "first-block:0.5"})
+    components = dataclasses.replace(tiny, spec=spec)
+    settings = default_settings(components, steps=8, seed=1, **SIZE)
+    assert settings.cache == "first-block:0.5" and default_settings(tiny).cache == "off"
+    assert generate(components, "a cat", [], settings).reused_steps > 0
+    assert default_settings(components, cache="off").cache == "off"  # a request's own choice wins

@@ -54,9 +54,6 @@ CLIPS = 4
 STEPS, EVERY = 30, 10
 SNAPSHOT = train_checkpoint.RAY_SNAPSHOT
 
-PREBUILD = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
-
-
 # ----------------------------------------------------------------------------------------------
 # Data and configs
 
@@ -375,19 +372,6 @@ def settings_without(settings: dict[str, Any], key: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # On Ray
-
-
-@pytest.fixture(scope="session")
-def torch_extensions(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """DeepSpeed's CPU shm_comm op, JIT-built once (about 40 s of CPU) into a cache the workers share.
-
-    Under the repo's .venv the build survives sessions (`make clean` removes it).
-    """
-    venv = REPO / ".venv"
-    folder = venv / "torch_extensions" if venv.is_dir() else tmp_path_factory.mktemp("torch_extensions")
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(folder)}
-    subprocess.run([sys.executable, "-c", PREBUILD], env=env, check=True, capture_output=True, timeout=900)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

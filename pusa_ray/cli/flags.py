@@ -106,7 +106,7 @@ def add_generation_flags(parser: argparse.ArgumentParser, service: bool = False)
         type=_cache,
         metavar="off|first-block[:T[:R]]",
         help="step caching: reuse the DiT's residual between steps where the first block's changed "
-        "less than T in every frame (default 0.05), at most R steps in a row (default 2); "
+        "less than T in every frame (default 0.1), at most R steps in a row (default 2); "
         "default: the model's (off)",
     )
     parser.add_argument("--seed", type=int, default=0)

@@ -260,7 +260,7 @@ def deepspeed_config(config: TrainConfig, world_size: int, bf16: bool) -> dict[s
     return settings
 
 
-def _initialize_engine(config: TrainConfig, model: torch.nn.Module, world_size: int, bf16: bool) -> Any:
+def initialize_engine(config: TrainConfig, model: torch.nn.Module, world_size: int, bf16: bool) -> Any:
     import deepspeed
 
     parameters = trainable_parameters(model)
@@ -317,7 +317,7 @@ def _set_up(loop_config: dict[str, Any]) -> Worker:
     data_ready = time.perf_counter()
     model = build_training_model(config, torch.bfloat16 if bf16 else torch.float32)
     model_ready = time.perf_counter()
-    engine = _initialize_engine(config, model.to(device), world_size, bf16)
+    engine = initialize_engine(config, model.to(device), world_size, bf16)
     if rank == 0:
         logger.info(
             "set-up %.1f s (data %.1f, model %.1f, deepspeed %.1f) in a worker started %.1f s ago",

@@ -56,6 +56,7 @@ def set_attention_backend(model: VTAWanTransformer, name: str, device: torch.dev
     import torch
     from diffusers.models.attention_dispatch import (
         AttentionBackendName,
+        _AttentionBackendRegistry,
         _check_attention_backend_requirements,
         dispatch_attention_fn,
     )
@@ -72,7 +73,14 @@ def set_attention_backend(model: VTAWanTransformer, name: str, device: torch.dev
             f"attention_backend {name!r} does not run on this machine ({device}, {model.dtype}): "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         ) from None
-    model.transformer.set_attention_backend(name)
+    # diffusers names the backend in each of the model's attention processors and also makes it
+    # the process-wide default; keep the choice to this model, so that another model in the same
+    # process (a test, a batch driver) keeps its own.
+    previous = _AttentionBackendRegistry._active_backend
+    try:
+        model.transformer.set_attention_backend(name)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
 
 
 def apply_speed_settings(components: Components, speed: SpeedSettings) -> None:
