@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from pusa_ray.names import SCHEDULES, parse_cache
 from pusa_ray.sampler import ProgressCallback, guided_denoiser, initial_noise, sample
 from pusa_ray.step_cache import make_cache
 from pusa_ray.timesteps import frame_schedule
+
+if TYPE_CHECKING:
+    from pusa_ray.sequence_parallel import SequenceParallel
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,10 @@ def generate(
     settings: SamplingSettings,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    parallel: SequenceParallel | None = None,
 ) -> Generation:
-    """Sample one video for `prompt` under the given conditions."""
+    """Sample one video for `prompt` under the given conditions; with `parallel`, this process is
+    one rank of a sequence-parallel group that runs the same call (`pusa_ray.sequence_parallel`)."""
     if not prompt.strip():
         raise UserInputError("prompt is empty")
     num_latents = validate_settings(components, settings)
@@ -125,7 +131,12 @@ def generate(
     embeddings = _encode(components, prompts)
     negative = embeddings[1:] if len(prompts) == 2 else None
     cache = make_cache(settings.cache)  # one per video: it holds this video's residuals
-    model = components.model if cache is None else functools.partial(components.model, cache=cache)
+    if parallel is not None and parallel.world > 1:
+        if cache is not None:
+            raise UserInputError("cache: the step cache does not run sequence parallel yet; use cache off")
+        model = functools.partial(parallel.forward, components.model)
+    else:
+        model = components.model if cache is None else functools.partial(components.model, cache=cache)
     denoiser = guided_denoiser(model, embeddings[:1], negative, settings.guidance)
 
     shape = (1, *codec.latent_shape(settings.frames, settings.height, settings.width))

@@ -12,6 +12,8 @@ CORE_MODULES = [
     "pusa_ray.conditioning",
     "pusa_ray.sampler",
     "pusa_ray.step_cache",
+    "pusa_ray.sequence_parallel",
+    "pusa_ray.parallel_launch",
     "pusa_ray.models.speed",
     "pusa_ray.models.vta",
     "pusa_ray.models.codec",

@@ -146,6 +146,13 @@ def add_generation_flags(parser: argparse.ArgumentParser, service: bool = False)
         "--save-latents", type=Path, help="also write the final latents (safetensors, tensor 'latents')"
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="ranks for one video, sequence parallel: GPUs of this machine (NCCL), or CPU processes "
+        "with --device cpu (gloo)",
+    )
     speed = parser.add_argument_group("speed and memory (see docs/reference.md)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the repeated DiT block")
     speed.add_argument(

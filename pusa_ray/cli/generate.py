@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from pusa_ray.cli.flags import TASK_HELP, add_generation_flags, lora_pairs, parse_cond
 from pusa_ray.errors import UserInputError
@@ -40,6 +41,25 @@ def speed_settings(args: argparse.Namespace) -> SpeedSettings:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    if args.out.suffix.lower() != ".mp4":
+        raise UserInputError(f"--out {str(args.out)!r} must end in .mp4")
+    lora_pairs(args.lora, args.lora_alpha)
+    speed_settings(args)
+    if args.gpus == 1:
+        _generate(args, args.device, None)
+        return
+    from pusa_ray import parallel_launch
+
+    parallel_launch.check(args.model, args.gpus, args.device, args.cache)
+    parallel_launch.launch(_rank_main, args.gpus, args.device, args)
+
+
+def _rank_main(parallel: Any, device: str, args: argparse.Namespace) -> None:
+    """One rank of a sequence-parallel `generate` (`parallel_launch.launch`); rank 0 writes."""
+    _generate(args, device, parallel)
+
+
+def _generate(args: argparse.Namespace, device: str | None, parallel: Any) -> None:
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -50,11 +70,9 @@ def run_generate(args: argparse.Namespace) -> None:
     from pusa_ray.pipeline import generate, settings_from
     from pusa_ray.tasks import TaskInputs, VideoShape, build_conditions
 
-    if args.out.suffix.lower() != ".mp4":
-        raise UserInputError(f"--out {str(args.out)!r} must end in .mp4")
-    adapters = lora_pairs(args.lora, args.lora_alpha)
-    components = load_components(args.model, device=args.device)
-    apply_adapters(components, adapters)
+    writer = parallel is None or parallel.rank == 0
+    components = load_components(args.model, device=device)
+    apply_adapters(components, lora_pairs(args.lora, args.lora_alpha))
     apply_speed_settings(components, speed_settings(args))
     settings = settings_from(components, args)
     shape = VideoShape(settings.frames, settings.height, settings.width, components.codec.temporal_factor)
@@ -70,10 +88,19 @@ def run_generate(args: argparse.Namespace) -> None:
         noise=args.noise,
     )
     conditions = build_conditions(inputs, shape)
-    with tqdm(total=settings.steps, desc="denoising", file=sys.stderr, disable=args.quiet) as bar:
+    with tqdm(
+        total=settings.steps, desc="denoising", file=sys.stderr, disable=args.quiet or not writer
+    ) as bar:
         result = generate(
-            components, args.prompt, conditions, settings, progress=lambda done, total: bar.update(1)
+            components,
+            args.prompt,
+            conditions,
+            settings,
+            progress=lambda done, total: bar.update(1),
+            parallel=parallel,
         )
+    if not writer:
+        return
     fps = args.fps or components.spec.fps
     video.write_mp4(args.out, video.tensor_to_frames(result.video), fps)
     if args.save_latents:

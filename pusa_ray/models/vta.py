@@ -21,9 +21,52 @@ if TYPE_CHECKING:
     from pusa_ray.step_cache import FirstBlockCache
 
 
-def _framed(tokens: torch.Tensor, frames: int) -> torch.Tensor:
-    """[B, L, D] -> [B, F, L/F, D]; Wan's tokens are frame-major."""
-    return tokens.unflatten(1, (frames, -1))
+class FrameRuns:
+    """Which frames a contiguous range [start, end) of frame-major tokens covers, as at most three
+    runs of (first frame, frames, tokens per frame): a partial frame, whole frames, a partial
+    frame. Per-frame modulation is applied run by run, never expanded to one row per token. The
+    whole video (`FrameRuns.whole`) is one run, with the arithmetic of the unsplit path."""
+
+    def __init__(self, runs: list[tuple[int, int, int]]) -> None:
+        self.runs = runs
+
+    @classmethod
+    def whole(cls, frames: int, tokens: int) -> FrameRuns:
+        return cls([(0, frames, tokens // frames)])
+
+    @classmethod
+    def of_range(cls, start: int, end: int, per_frame: int) -> FrameRuns:
+        if end <= start:
+            raise ValueError(f"an empty token range [{start}, {end})")
+        runs, position = [], start
+        while position < end:
+            frame, offset = divmod(position, per_frame)
+            if offset or end - position < per_frame:  # a partial frame
+                count = min(per_frame - offset, end - position)
+                runs.append((frame, 1, count))
+            else:  # whole frames, as many as fit
+                count = (end - position) // per_frame * per_frame
+                runs.append((frame, count // per_frame, per_frame))
+            position += count
+        return cls(runs)
+
+    def _apply(self, function, *tensors: torch.Tensor) -> torch.Tensor:
+        """`function(first, frames, *run_slices)` per run, [B, n, D] slices framed [B, f, n/f, D]."""
+        parts, position = [], 0
+        for first, frames, per_frame in self.runs:
+            size = frames * per_frame
+            framed = [t[:, position : position + size].unflatten(1, (frames, per_frame)) for t in tensors]
+            parts.append(function(first, frames, *framed).flatten(1, 2))
+            position += size
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def modulate(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """x [B, n, D] * (1 + scale) + shift, with scale and shift [B, F, 1, D] per frame."""
+        return self._apply(lambda f, k, framed: framed * (1 + scale[:, f : f + k]) + shift[:, f : f + k], x)
+
+    def gate(self, x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x + update * gate, with gate [B, F, 1, D] per frame."""
+        return self._apply(lambda f, k, framed, more: framed + more * gate[:, f : f + k], x, update)
 
 
 def vta_block_forward(
@@ -32,25 +75,24 @@ def vta_block_forward(
     context: torch.Tensor,  # [B, L_text, D]
     modulation: torch.Tensor,  # [B, F, 6, D]
     rotary_emb: tuple[torch.Tensor, torch.Tensor],
+    runs: FrameRuns | None = None,  # which frames the tokens belong to (None: all F frames, whole)
 ) -> torch.Tensor:
     """One Wan block with per-frame modulation; numerically the block's own per-token branch."""
-    frames = modulation.shape[1]
+    runs = runs or FrameRuns.whole(modulation.shape[1], hidden_states.shape[1])
     table = block.scale_shift_table.unsqueeze(0) + modulation.float()  # [B, F, 6, D]
     shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = table.chunk(6, dim=2)  # [B, F, 1, D] each
     dtype = hidden_states.dtype
 
-    normed = _framed(block.norm1(hidden_states.float()), frames) * (1 + scale_msa) + shift_msa
-    attn = block.attn1(normed.flatten(1, 2).to(dtype), None, None, rotary_emb)
-    hidden_states = (_framed(hidden_states.float(), frames) + _framed(attn, frames) * gate_msa).flatten(1, 2)
-    hidden_states = hidden_states.to(dtype)
+    normed = runs.modulate(block.norm1(hidden_states.float()), scale_msa, shift_msa)
+    attn = block.attn1(normed.to(dtype), None, None, rotary_emb)
+    hidden_states = runs.gate(hidden_states.float(), attn, gate_msa).to(dtype)
 
     normed = block.norm2(hidden_states.float()).to(dtype)
     hidden_states = hidden_states + block.attn2(normed, context, None, None)
 
-    normed = _framed(block.norm3(hidden_states.float()), frames) * (1 + c_scale) + c_shift
-    ff = block.ffn(normed.flatten(1, 2).to(dtype))
-    hidden_states = _framed(hidden_states.float(), frames) + _framed(ff.float(), frames) * c_gate
-    return hidden_states.flatten(1, 2).to(dtype)
+    normed = runs.modulate(block.norm3(hidden_states.float()), c_scale, c_shift)
+    ff = block.ffn(normed.to(dtype))
+    return runs.gate(hidden_states.float(), ff.float(), c_gate).to(dtype)
 
 
 class VTAWanTransformer(nn.Module):
@@ -155,15 +197,22 @@ class VTAWanTransformer(nn.Module):
         return self._output(hidden_states, temb, latents.shape)
 
     def _output(self, hidden_states: torch.Tensor, temb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The output norm (modulated per frame by `temb` [B, F or 1, D]), projection, unpatchify."""
+        """The output head (modulated per frame by `temb` [B, F or 1, D]) and unpatchify."""
+        runs = FrameRuns.whole(temb.shape[1], hidden_states.shape[1])
+        return self.unpatchify(self.head(hidden_states, temb, runs), shape)
+
+    def head(self, hidden_states: torch.Tensor, temb: torch.Tensor, runs: FrameRuns) -> torch.Tensor:
+        """The output norm, modulated per frame by `temb` [B, F, D], and projection: [B, n, C*pH*pW]."""
         model = self.transformer
-        batch, _, frames, height, width = shape
-        _, patch_h, patch_w = model.config.patch_size
         table = model.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)  # [B, F, 2, D]
         shift, scale = table.chunk(2, dim=2)  # [B, F, 1, D]
-        normed = _framed(model.norm_out(hidden_states.float()), temb.shape[1]) * (1 + scale) + shift
-        output = model.proj_out(normed.flatten(1, 2).type_as(hidden_states))  # [B, L, C*pH*pW]
+        normed = runs.modulate(model.norm_out(hidden_states.float()), scale, shift)
+        return model.proj_out(normed.type_as(hidden_states))
 
+    def unpatchify(self, output: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """[B, L, C*pH*pW] tokens -> [B, C, F, H, W] for latents of `shape`."""
+        batch, _, frames, height, width = shape
+        _, patch_h, patch_w = self.transformer.config.patch_size
         grid_h, grid_w = height // patch_h, width // patch_w
         output = output.reshape(batch, frames, grid_h, grid_w, 1, patch_h, patch_w, -1)
         output = output.permute(0, 7, 1, 4, 2, 5, 3, 6)
