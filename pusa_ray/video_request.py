@@ -88,7 +88,9 @@ class VideoRequest(StrictModel):
     guidance: float | None = Field(default=None, ge=0.0, le=30.0)
     shift: float | None = Field(default=None, gt=0.0, le=100.0)
     schedule: ScheduleName | None = None  # None: the model's
-    cache: str | None = Field(default=None, max_length=32, description="off, first-block or first-block:T")
+    cache: str | None = Field(
+        default=None, max_length=32, description="step caching: off or first-block[:T[:R]]"
+    )
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     fps: float | None = Field(default=None, gt=0.0, le=120.0)
     adapter: str | None = Field(default=None, min_length=1, max_length=1024)

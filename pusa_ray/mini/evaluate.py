@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="clip i is generated with seed SEED + i")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--cache", help="step caching: off, first-block[:T] (default: the model's)")
+    parser.add_argument("--cache", help="step caching: off, first-block[:T[:R]] (default: the model's)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument(
         "--reference",
