@@ -122,13 +122,8 @@ class SequenceParallel:
         start, end = ranges[self.rank]
         if timesteps.ndim == 1:
             timesteps = timesteps[:, None].expand(batch, frames)  # uniform: one per frame
-        cos, sin = transformer.rope(latents)  # [1, L, 1, d] each
-        rotary_emb = (cos[:, start:end], sin[:, start:end])
-        hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2)[:, start:end].contiguous()
-        temb, projection, context, _ = transformer.condition_embedder(
-            timesteps.flatten(), context, None, timestep_seq_len=frames
-        )
-        modulation = projection.unflatten(2, (6, -1))  # [B, F, 6, D]
+        hidden, context, modulation, temb, (cos, sin) = model.embed(latents, timesteps, context)
+        hidden, rotary_emb = hidden[:, start:end].contiguous(), (cos[:, start:end], sin[:, start:end])
         runs = FrameRuns.of_range(start, end, per_frame)
         with self.attention(model, counts):
             for block in transformer.blocks:

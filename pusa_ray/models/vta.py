@@ -131,26 +131,34 @@ class VTAWanTransformer(nn.Module):
             )
         latents = latents.to(self.dtype)
         context = context.to(self.dtype)
+        uniform = timesteps.ndim == 1 or bool((timesteps == timesteps[:, :1]).all())
         if cache is not None:
-            return self.cached_forward(latents, timesteps, context, cache).float()
-        if timesteps.ndim == 1 or bool((timesteps == timesteps[:, :1]).all()):
+            return self._cached_forward(latents, timesteps, context, cache, uniform).float()
+        if uniform:
             scalar = timesteps if timesteps.ndim == 1 else timesteps[:, 0]
             return self.transformer(latents, scalar, context, return_dict=False)[0].float()
         return self.per_frame_forward(latents, timesteps, context).float()
+
+    def embed(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """What the per-frame blocks take: tokens [B, L, D], the embedded text context, the
+        modulation [B, F, 6, D], the time embedding [B, F, D] (for the head) and the rotary
+        embedding ([1, L, 1, d] each), for timesteps [B, F]."""
+        model = self.transformer
+        rotary_emb = model.rope(latents)
+        hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
+        temb, timestep_proj, context, _ = model.condition_embedder(
+            timesteps.flatten(), context, None, timestep_seq_len=latents.shape[2]
+        )  # temb [B, F, D], timestep_proj [B, F, 6D]
+        return hidden_states, context, timestep_proj.unflatten(2, (6, -1)), temb, rotary_emb
 
     def per_frame_forward(
         self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
     ) -> torch.Tensor:
         """The VTA path: modulation per frame, broadcast over the frame's tokens."""
         model = self.transformer
-        frames = latents.shape[2]
-        rotary_emb = model.rope(latents)
-        hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
-
-        temb, timestep_proj, context, _ = model.condition_embedder(
-            timesteps.flatten(), context, None, timestep_seq_len=frames
-        )  # temb [B, F, D], timestep_proj [B, F, 6D]
-        modulation = timestep_proj.unflatten(2, (6, -1))  # [B, F, 6, D]
+        hidden_states, context, modulation, temb, rotary_emb = self.embed(latents, timesteps, context)
 
         checkpointing = torch.is_grad_enabled() and model.gradient_checkpointing
         for block in model.blocks:
@@ -164,16 +172,20 @@ class VTAWanTransformer(nn.Module):
 
         return self._output(hidden_states, temb, latents.shape)
 
-    def cached_forward(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, cache: FirstBlockCache
+    def _cached_forward(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        cache: FirstBlockCache,
+        uniform: bool,
     ) -> torch.Tensor:
         """Either path (uniform timesteps: diffusers' own blocks and modulation, per frame: the VTA
         blocks) with the blocks run through the step cache. Inference only."""
         model = self.transformer
-        frames = latents.shape[2]
-        rotary_emb = model.rope(latents)
-        hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()  # [B, L, D]
-        if timesteps.ndim == 1 or bool((timesteps == timesteps[:, :1]).all()):
+        if uniform:
+            rotary_emb = model.rope(latents)
+            hidden_states = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
             scalar = timesteps if timesteps.ndim == 1 else timesteps[:, 0]
             temb, projection, context, _ = model.condition_embedder(
                 scalar, context, None, timestep_seq_len=None
@@ -185,15 +197,12 @@ class VTAWanTransformer(nn.Module):
 
             temb = temb[:, None]  # [B, 1, D]: one modulation for all frames in the output head
         else:
-            temb, projection, context, _ = model.condition_embedder(
-                timesteps.flatten(), context, None, timestep_seq_len=frames
-            )
-            modulation = projection.unflatten(2, (6, -1))  # [B, F, 6, D]
+            hidden_states, context, modulation, temb, rotary_emb = self.embed(latents, timesteps, context)
 
             def run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
                 return self.block_forward(block, hidden, context, modulation, rotary_emb)
 
-        hidden_states = cache.run(hidden_states, model.blocks, run_block, frames)
+        hidden_states = cache.run(hidden_states, model.blocks, run_block, latents.shape[2])
         return self._output(hidden_states, temb, latents.shape)
 
     def _output(self, hidden_states: torch.Tensor, temb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
