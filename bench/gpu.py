@@ -42,7 +42,6 @@ import gc
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import time
@@ -62,6 +61,7 @@ from pusa_ray.models.loading import cast_parameters
 from pusa_ray.models.speed import attention_backends, set_attention_backend
 from pusa_ray.models.vta import VTAWanTransformer
 from pusa_ray.names import SCHEDULES
+from pusa_ray.parallel_launch import free_port
 from pusa_ray.sampler import guided_denoiser, initial_noise, sample
 from pusa_ray.step_cache import make_cache
 from pusa_ray.timesteps import frame_schedule, sigma_to_timestep
@@ -519,12 +519,6 @@ def attention_row(bench: Bench, backend: str) -> Result:
 
 # ----------------------------------------------------------------------------------------------
 # The training step
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

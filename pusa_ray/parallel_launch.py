@@ -36,16 +36,20 @@ def check(model: str, ranks: int, device: str | None, cache: str | None) -> None
         raise UserInputError(f"--gpus {ranks}: this machine has {found} GPUs (--device cpu runs CPU ranks)")
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (the ranks' rendezvous; the tests' servers)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(function: Callable[..., None], ranks: int, device: str | None, *args: Any) -> None:
     """Run `function(parallel, device, *args)` on `ranks` spawned processes; wait for all."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     try:
         mp.start_processes(
-            _rank, args=(ranks, port, device, function, args), nprocs=ranks, start_method="spawn"
+            _rank, args=(ranks, free_port(), device, function, args), nprocs=ranks, start_method="spawn"
         )
     except mp.ProcessRaisedException as error:
         last = [line for line in str(error).strip().splitlines() if line.strip()][-1]

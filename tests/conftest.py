@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from pusa_ray.parallel_launch import free_port
 
 _STARTUP_TIMEOUT_S = 30.0
 
@@ -51,12 +52,6 @@ class S3Server:
             yield
         finally:
             self.resume()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_until_answering(endpoint_url: str, process: subprocess.Popen, log_path: Path) -> None:
@@ -108,7 +103,7 @@ def running_s3_server(workdir: Path) -> Iterator[S3Server]:
     for the duration of the block (tests' session fixture, bench/faults.py)."""
     from pusa_ray import storage  # here, so the fast core tests never import boto3
 
-    port = _free_port()
+    port = free_port()
     endpoint_url = f"http://127.0.0.1:{port}"
     log_path = workdir / "moto.log"
     with open(log_path, "wb") as log:  # a file, not a pipe nobody reads: a full pipe blocks the server

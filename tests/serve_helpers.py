@@ -13,7 +13,6 @@ import functools
 import io
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,17 +23,13 @@ import requests
 import yaml
 from PIL import Image
 
+from pusa_ray.parallel_launch import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = REPO / "serve" / "config.local.yaml"
 API_KEY_ENV = "PUSA_RAY_TEST_API_KEY"
 API_KEY = "test-key-0123456789"
 APP = "pusa"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @functools.cache

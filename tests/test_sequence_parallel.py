@@ -7,7 +7,6 @@ boundary falls inside a frame: the per-frame modulation must follow the tokens i
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pusa_ray.models.vta import FrameRuns
+from pusa_ray.parallel_launch import free_port
 from pusa_ray.sequence_parallel import communication_bytes, token_ranges
 from pusa_ray.timesteps import frame_schedule, sigma_to_timestep
 
@@ -42,12 +42,6 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     latents = torch.randn(LATENTS, generator=generator)
     context = torch.randn(2, 16, 32, generator=generator)
     return latents, context
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank(rank: int, port: int, out: str) -> None:
