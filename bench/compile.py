@@ -11,22 +11,16 @@ of the first call at a new resolution (dynamic shapes: no full recompile per req
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from pusa_ray.models.loading import load_components
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def timed(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench.sampler import interleaved, median_time  # noqa: E402
+from pusa_ray.models.loading import load_components  # noqa: E402
 
 
 def main() -> int:
@@ -53,14 +47,20 @@ def main() -> int:
             first = compiled(latents, timesteps, context)
             compile_s = time.perf_counter() - start
             difference = (first - eager(latents, timesteps, context)).abs().max().item()
-            eager_s = timed(lambda t=timesteps: eager(latents, t, context), args.repeats)
-            compiled_s = timed(lambda t=timesteps: compiled(latents, t, context), args.repeats)
+            times = interleaved(
+                {
+                    "eager": lambda t=timesteps: eager(latents, t, context),
+                    "compiled": lambda t=timesteps: compiled(latents, t, context),
+                },
+                args.repeats,
+            )  # in alternation, so that the machine's drift falls on both alike
+            eager_s, compiled_s = times["eager"], times["compiled"]
             rows.append((name, compile_s, eager_s, compiled_s, difference))
         wider = torch.randn(2, config.in_channels, 5, 48, 32, generator=generator)
         start = time.perf_counter()
         compiled(wider, inputs["per-frame"], context)
         new_shape_s = time.perf_counter() - start
-        eager_new_s = timed(lambda: eager(wider, inputs["per-frame"], context), 3)
+        eager_new_s = median_time(lambda: eager(wider, inputs["per-frame"], context), 3)
 
     print(f"{args.model} on the CPU ({torch.get_num_threads()} threads), latents {tuple(latents.shape)}")
     print("| path | first call (compiles) | eager forward | compiled forward | compiled / eager | max diff |")
