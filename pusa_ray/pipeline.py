@@ -99,14 +99,14 @@ def validate_settings(components: Components, settings: SamplingSettings) -> int
 
 def _encode(components: Components, prompts: list[str]) -> torch.Tensor:
     """Prompt embeddings; an offloaded text encoder visits the device for this call only."""
-    encoder = components.text_encoder
-    if not components.offload_text_encoder:
-        return encode_prompts(components.tokenizer, encoder, prompts, components.spec.text_length)
-    encoder.to(components.device)
+    encoder, offloaded = components.text_encoder, components.offload_text_encoder
+    if offloaded:
+        encoder.to(components.device)
     try:
         return encode_prompts(components.tokenizer, encoder, prompts, components.spec.text_length)
     finally:
-        encoder.to("cpu")
+        if offloaded:
+            encoder.to("cpu")
 
 
 @torch.no_grad()
